@@ -1,0 +1,264 @@
+"""Guest memory as the server sees it, and the DMA view an endpoint uses.
+
+`GuestMemory` is the set of guest-physical regions that the VMM has handed us (over
+vfio-user, DMA_MAP regions backed by mmapped file descriptors; in tests, plain
+bytearrays). Every access is bounds-checked against those regions: nothing outside
+them is ever touched. An access that falls outside every region either goes to a
+fallback (the vfio-user layer installs one that turns writes into DMA_WRITE messages,
+for interrupt-controller doorbells that are not RAM) or raises `MemoryAccessError`.
+
+`DmaView` is what a device model gets for its DMA: identity here; the IOMMU provides a
+translating subclass (`RiscvIommu.dma_view`). Endpoints never know which one they have.
+Every DMA access says what it is (read, write) so the translating view can check
+permissions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol
+
+_LE = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+_BE = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I"), 8: struct.Struct(">Q")}
+
+
+class MemoryAccessError(Exception):
+    """An access touched guest-physical addresses outside every mapped region."""
+
+    def __init__(self, gpa: int, length: int, why: str = "not mapped"):
+        super().__init__(f"guest memory access at {gpa:#x}+{length:#x}: {why}")
+        self.gpa = gpa
+        self.length = length
+        self.why = why
+
+
+class Fallback(Protocol):
+    """Where accesses outside the mapped regions go (e.g. vfio-user DMA messages)."""
+
+    def read(self, gpa: int, length: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+
+@dataclass
+class Region:
+    """One contiguous guest-physical range backed by a buffer we can address."""
+
+    gpa: int
+    size: int
+    buffer: memoryview
+    writable: bool = True
+    owner: object = field(default=None, repr=False)  # keeps an mmap alive; closed on removal
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Bounds-checked access to the guest-physical regions mapped for DMA."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._regions: list[Region] = []
+        self.fallback: Fallback | None = None
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def ram(cls, base: int, size: int) -> "GuestMemory":
+        """Zero-filled RAM at `base`, for tests and tools."""
+        mem = cls()
+        mem.add_region(base, memoryview(bytearray(size)))
+        return mem
+
+    def add_region(self, gpa: int, buffer: memoryview | bytearray, *, writable: bool = True,
+                   owner: object = None) -> Region:
+        """Map `buffer` at `gpa`. Overlapping an existing region is a caller bug."""
+        view = memoryview(buffer).cast("B")
+        size = len(view)
+        if size == 0 or gpa < 0 or gpa + size > 1 << 64:
+            raise ValueError(f"bad region {gpa:#x}+{size:#x}")
+        if self.overlapping(gpa, size):
+            raise ValueError(f"region {gpa:#x}+{size:#x} overlaps an existing one")
+        region = Region(gpa, size, view, writable and not view.readonly, owner)
+        i = bisect.bisect_left(self._starts, gpa)
+        self._starts.insert(i, gpa)
+        self._regions.insert(i, region)
+        return region
+
+    def remove_region(self, gpa: int, size: int) -> Region:
+        """Unmap the region that is exactly `gpa`+`size`; KeyError if there is none."""
+        i = bisect.bisect_left(self._starts, gpa)
+        if i < len(self._regions) and self._regions[i].gpa == gpa and self._regions[i].size == size:
+            del self._starts[i]
+            return self._regions.pop(i)
+        raise KeyError(f"no region {gpa:#x}+{size:#x}")
+
+    def overlapping(self, gpa: int, size: int) -> list[Region]:
+        end = gpa + size
+        return [r for r in self._regions if r.gpa < end and gpa < r.end]
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return tuple(self._regions)
+
+    def clear(self) -> list[Region]:
+        gone, self._regions, self._starts = self._regions, [], []
+        return gone
+
+    # -- lookup ---------------------------------------------------------------------
+    def _find(self, gpa: int, length: int) -> Region | None:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0:
+            return None
+        r = self._regions[i]
+        if gpa + length <= r.end:
+            return r
+        return None
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self._find(gpa, length) is not None
+
+    def slice(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
+        """A zero-copy view of guest memory; the range must lie inside one region."""
+        r = self._find(gpa, length)
+        if r is None or length < 0:
+            raise MemoryAccessError(gpa, length)
+        if writable and not r.writable:
+            raise MemoryAccessError(gpa, length, "region is read-only")
+        off = gpa - r.gpa
+        return r.buffer[off:off + length]
+
+    # -- bytes ------------------------------------------------------------------------
+    def read(self, gpa: int, length: int) -> bytes:
+        r = self._find(gpa, length)
+        if r is not None:
+            off = gpa - r.gpa
+            return bytes(r.buffer[off:off + length])
+        if self.fallback is not None and not self.overlapping(gpa, length):
+            return self.fallback.read(gpa, length)
+        raise MemoryAccessError(gpa, length)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        r = self._find(gpa, length)
+        if r is not None:
+            if not r.writable:
+                raise MemoryAccessError(gpa, length, "region is read-only")
+            off = gpa - r.gpa
+            r.buffer[off:off + length] = data
+            return
+        if self.fallback is not None and not self.overlapping(gpa, length):
+            self.fallback.write(gpa, bytes(data))
+            return
+        raise MemoryAccessError(gpa, length)
+
+    # -- integers ---------------------------------------------------------------------
+    def read_int(self, gpa: int, size: int, *, big_endian: bool = False) -> int:
+        codec = (_BE if big_endian else _LE)[size]
+        r = self._find(gpa, size)
+        if r is not None:
+            return codec.unpack_from(r.buffer, gpa - r.gpa)[0]
+        return codec.unpack(self.read(gpa, size))[0]
+
+    def write_int(self, gpa: int, size: int, value: int, *, big_endian: bool = False) -> None:
+        self.write(gpa, (_BE if big_endian else _LE)[size].pack(value & ((1 << (8 * size)) - 1)))
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read_int(gpa, 1)
+
+    def read_u16(self, gpa: int) -> int:
+        return self.read_int(gpa, 2)
+
+    def read_u32(self, gpa: int) -> int:
+        return self.read_int(gpa, 4)
+
+    def read_u64(self, gpa: int) -> int:
+        return self.read_int(gpa, 8)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 1, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 2, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 4, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 8, value)
+
+    def compare_exchange(self, gpa: int, size: int, expected: int, new: int, *,
+                         big_endian: bool = False) -> int:
+        """Write `new` if the value is `expected`; return the value found.
+
+        Pure Python cannot issue a host atomic on shared memory, so this is a
+        read-compare-write that is atomic only with respect to this process. The
+        C fast path provides the real compare-and-swap.
+        """
+        old = self.read_int(gpa, size, big_endian=big_endian)
+        if old == expected:
+            self.write_int(gpa, size, new, big_endian=big_endian)
+        return old
+
+
+class DmaError(Exception):
+    """A device's DMA could not be performed (unmapped, or the IOMMU faulted it).
+
+    `fault` carries the IOMMU's fault record when translation failed.
+    """
+
+    def __init__(self, addr: int, length: int, write: bool, why: str, fault: object = None):
+        kind = "write" if write else "read"
+        super().__init__(f"DMA {kind} at {addr:#x}+{length:#x}: {why}")
+        self.addr = addr
+        self.length = length
+        self.write = write
+        self.why = why
+        self.fault = fault
+
+
+class DmaView:
+    """The memory a device sees through its DMA: identity (no IOMMU) here.
+
+    Subclasses override `map_range` to translate; everything else is shared.
+    """
+
+    def __init__(self, memory: GuestMemory):
+        self.memory = memory
+
+    def map_range(self, addr: int, length: int, write: bool) -> list[tuple[int, int]]:
+        """Translate [addr, addr+length) into guest-physical (gpa, length) pieces."""
+        return [(addr, length)]
+
+    def read(self, addr: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        pieces = self.map_range(addr, length, False)
+        try:
+            return b"".join(self.memory.read(gpa, n) for gpa, n in pieces)
+        except MemoryAccessError as e:
+            raise DmaError(addr, length, False, str(e)) from None
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        if length == 0:
+            return
+        pieces = self.map_range(addr, length, True)
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            for gpa, n in pieces:
+                self.memory.write(gpa, view[done:done + n])
+                done += n
+        except MemoryAccessError as e:
+            raise DmaError(addr, length, True, str(e)) from None
+
+    def read_int(self, addr: int, size: int) -> int:
+        return int.from_bytes(self.read(addr, size), "little")
+
+    def write_int(self, addr: int, size: int, value: int) -> None:
+        self.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The guest lab: QEMU, kernel, busybox, guest images, DTBs, qtest sessions."""

@@ -1,0 +1,133 @@
+"""`vfiouser-iommu lab ...`: provision the guest lab, show it, boot guests."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = """\
+The guest lab: a QEMU >= 10.1 with vfio-user-pci, riscv-iommu-pci and iommu-testdev,
+a riscv64 Linux kernel with the riscv-iommu driver built in, its modules, and busybox,
+kept in a cache folder (default ~/.cache/vfiouser-iommu, or $VFIOUSER_IOMMU_LAB).
+
+  provision   build or check the lab (a second run checks and returns in seconds)
+  status      print what the lab holds (versions, paths)
+  boot        boot a guest and run a guest script; exits with the guest's verdict
+  qemu-args   print the QEMU arguments that attach vfio-user functions
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="provision the guest lab, show it, boot guests",
+                         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmds = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
+
+    p = cmds.add_parser("provision", help="build or check the lab",
+                        description="Build the lab from Debian unstable's packages (the mirror "
+                        "comes from this machine's apt configuration; override with "
+                        "VFIOUSER_IOMMU_MIRROR), or check an existing one.")
+    p.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="use your own riscv64 kernel image (Image or vmlinux) instead of "
+                        "Debian's; it needs riscv-iommu built in")
+    p.add_argument("--modules", type=Path, metavar="DIR",
+                   help="with --kernel: its module tree (the folder holding modules.dep)")
+    p.add_argument("--refresh", action="store_true",
+                   help="resolve current package versions and rebuild even if the lab exists")
+    p.add_argument("--no-boot-check", action="store_true",
+                   help="skip the check that the kernel boots")
+    p.set_defaults(func=cmd_provision)
+
+    p = cmds.add_parser("status", help="print what the lab holds")
+    p.set_defaults(func=cmd_status)
+
+    p = cmds.add_parser("boot", help="boot a guest and run a guest script",
+                        description="Boot a riscv64 guest, run a busybox sh script in it after "
+                        "mounting proc, sys, devtmpfs and /tmp and loading the lab's modules, "
+                        "stream the console, and exit 0 if every @@RESULT the script reported "
+                        "passed. Helpers in the script: pass NAME DETAIL, fail NAME DETAIL, "
+                        "check NAME COMMAND...")
+    p.add_argument("--reference", action="store_true",
+                   help="use QEMU's built-in riscv-iommu-pci (with virtio-blk-pci and "
+                        "virtio-rng-pci behind it) instead of ours")
+    p.add_argument("--script", type=Path, metavar="PATH",
+                   help="guest script (default: the demo script)")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
+                   help="stop the guest after this long (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="do not stream the console")
+    p.set_defaults(func=cmd_boot)
+
+    p = cmds.add_parser("qemu-args", help="print QEMU arguments for vfio-user functions",
+                        description="Print the QEMU arguments that attach the functions a "
+                        "`vfiouser-iommu serve` with the same options provides: shared memfd "
+                        "RAM and one vfio-user-pci per function at its address.")
+    p.add_argument("--socket-dir", type=Path, required=True, metavar="DIR")
+    p.add_argument("--iommu", metavar="SS.F", help="the IOMMU function's address")
+    p.add_argument("--endpoint", action="append", default=[], metavar="KIND@SS.F",
+                   help="an endpoint function (repeatable)")
+    p.add_argument("--memory", default="1G", help="guest RAM size (default: %(default)s)")
+    p.set_defaults(func=cmd_qemu_args)
+
+
+def _lab_or_exit():
+    from vfiouser_iommu.lab.paths import NoLab, load_lab
+
+    try:
+        return load_lab()
+    except NoLab as e:
+        print(f"vfiouser-iommu: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from vfiouser_iommu.lab.debian import LabError
+    from vfiouser_iommu.lab.provision import provision
+
+    if args.modules and not args.kernel:
+        print("vfiouser-iommu: --modules goes with --kernel", file=sys.stderr)
+        return 2
+    try:
+        provision(kernel=args.kernel, modules=args.modules, refresh=args.refresh,
+                  check_boot=not args.no_boot_check)
+    except LabError as e:
+        print(f"vfiouser-iommu: lab provision failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    lab = _lab_or_exit()
+    print(f"lab:      {lab.root}")
+    print(f"qemu:     {lab.qemu_version} ({lab.qemu_source})\n          {lab.qemu}")
+    print(f"kernel:   {lab.kernel_version} ({lab.kernel_source})\n          {lab.kernel}")
+    print(f"modules:  {' '.join(lab.module_order) or '(none)'}")
+    print(f"busybox:  {lab.busybox_version}\n          {lab.busybox}")
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from vfiouser_iommu.lab.boot import boot_reference, default_script
+
+    lab = _lab_or_exit()
+    script = args.script.read_text() if args.script else default_script()
+    if not args.reference:
+        print("vfiouser-iommu: booting on our own IOMMU is not available yet; "
+              "use --reference for QEMU's built-in riscv-iommu-pci", file=sys.stderr)
+        return 2
+    run = boot_reference(lab, script, args.timeout, echo=None if args.quiet else sys.stdout)
+    status = "PASS" if run.verdict.passed else "FAIL"
+    extra = " (timed out)" if run.timed_out else ""
+    boot = f", init after {run.init_seconds:.1f}s" if run.init_seconds else ""
+    print(f"== {status}: {run.verdict.summary()}{extra} [{run.seconds:.1f}s{boot}]")
+    return 0 if run.verdict.passed else 1
+
+
+def cmd_qemu_args(args: argparse.Namespace) -> int:
+    import shlex
+
+    from vfiouser_iommu import topology
+
+    functions = topology.parse_functions(iommu=args.iommu, endpoints=args.endpoint)
+    argv = topology.qemu_vfio_user_args(args.socket_dir, functions, args.memory)
+    print(" ".join(shlex.quote(a) for a in argv))
+    return 0

@@ -1,0 +1,175 @@
+"""Booting lab guests: the QEMU command line, the console, the verdict.
+
+A guest is the lab's kernel with an initramfs (see `initramfs.py`) on QEMU's riscv64
+`virt` machine under TCG. `run_guest` streams the console, stops at the deadline or on
+Ctrl-C, always leaves nothing running, and returns the guest's verdict.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TextIO
+
+from vfiouser_iommu.lab.initramfs import Initramfs, Verdict, parse_console
+from vfiouser_iommu.lab.paths import Lab
+
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet"
+DEFAULT_MEMORY = "1G"
+
+
+def default_script(name: str = "demo.sh") -> str:
+    return resources.files("vfiouser_iommu.lab").joinpath("guest", name).read_text()
+
+
+def machine_args(lab: Lab, memory: str = DEFAULT_MEMORY, smp: int = 2,
+                 machine: str = "virt,aia=aplic-imsic") -> list[str]:
+    """What every lab guest has: the machine, firmware, no display."""
+    return [lab.qemu, "-M", machine, "-m", memory, "-smp", str(smp), "-nographic",
+            "-no-reboot", "-bios", "default"]
+
+
+def kernel_args(lab: Lab, initrd: Path, cmdline: str = KERNEL_CMDLINE) -> list[str]:
+    return ["-kernel", lab.kernel, "-initrd", str(initrd), "-append", cmdline]
+
+
+def guest_initramfs(lab: Lab, script: str, modules: list[str] | None = None,
+                    files: dict[str, bytes] | None = None) -> Initramfs:
+    """An initramfs for `script`, loading `modules` (default: all the lab has)."""
+    names = lab.module_order if modules is None else [
+        m for m in lab.module_order if m in set(modules)]
+    return Initramfs(busybox=Path(lab.busybox), script=script,
+                     modules=[(n, Path(lab.modules[n])) for n in names],
+                     files=dict(files or {}))
+
+
+@dataclass
+class GuestRun:
+    verdict: Verdict
+    console: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    timed_out: bool = False
+    returncode: int | None = None
+    init_seconds: float | None = None  # from QEMU start to the guest's init running
+
+
+def run_guest(argv: list[str], timeout: float, echo: TextIO | None = sys.stdout,
+              on_line: Callable[[str], None] | None = None) -> GuestRun:
+    """Run QEMU until it exits or `timeout` seconds pass; nothing is left running."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    run = GuestRun(Verdict([], None))
+    try:
+        _pump(proc, started + timeout, lines, echo, on_line, run, started)
+        run.timed_out = proc.poll() is None
+    finally:
+        stop_process(proc)
+    run.console = lines
+    run.seconds = time.monotonic() - started
+    run.returncode = proc.returncode
+    run.verdict = parse_console(lines)
+    return run
+
+
+def _pump(proc: subprocess.Popen, deadline: float, lines: list[str], echo: TextIO | None,
+          on_line: Callable[[str], None] | None, run: GuestRun, started: float) -> None:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    pending = b""
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                if line.startswith("@@INIT") and run.init_seconds is None:
+                    run.init_seconds = time.monotonic() - started
+                lines.append(line)
+                if echo is not None:
+                    echo.write(line + "\n")
+                    echo.flush()
+                if on_line is not None:
+                    on_line(line)
+        if pending:
+            lines.append(pending.decode("utf-8", "replace"))
+    finally:
+        sel.close()
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """Terminate a process group started with start_new_session, then kill it."""
+    if proc.poll() is None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def smoke_boot(lab: Lab, timeout: float = 120) -> float:
+    """Boot the kernel to a one-line script; return seconds; raise if it fails."""
+    from vfiouser_iommu.lab.debian import LabError
+
+    script = 'pass boot "$(uname -r)"\n'
+    with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
+        initrd = guest_initramfs(lab, script, modules=[]).write(Path(tmp) / "initrd.gz")
+        run = run_guest(machine_args(lab, memory="512M") + kernel_args(lab, initrd),
+                        timeout, echo=None)
+    if not run.verdict.passed:
+        tail = " | ".join(run.console[-5:])
+        raise LabError(f"the lab kernel did not boot ({run.verdict.summary()}): {tail}")
+    return run.seconds
+
+
+def reference_args(lab: Lab, disk: Path, iommu_addr: str = "01.0", blk_addr: str = "02.0",
+                   rng_addr: str = "03.0") -> list[str]:
+    """QEMU's built-in riscv-iommu-pci with virtio-blk and virtio-rng behind it."""
+    return [
+        "-device", f"riscv-iommu-pci,addr={iommu_addr}",
+        "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=unsafe",
+        "-device", f"virtio-blk-pci,drive=disk0,addr={blk_addr},iommu_platform=on,"
+                   "disable-legacy=on",
+        "-device", f"virtio-rng-pci,addr={rng_addr},iommu_platform=on,disable-legacy=on",
+    ]
+
+
+def make_scratch_disk(path: Path, size: int = 64 << 20) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
+                   disk_size: int = 64 << 20) -> GuestRun:
+    """Boot a guest on QEMU's built-in IOMMU with virtio-blk + virtio-rng behind it."""
+    with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
+        initrd = guest_initramfs(lab, script).write(Path(tmp) / "initrd.gz")
+        disk = make_scratch_disk(Path(tmp) / "disk.img", disk_size)
+        argv = (machine_args(lab) + kernel_args(lab, initrd) + reference_args(lab, disk))
+        return run_guest(argv, timeout, echo)

@@ -32,7 +32,6 @@ echo "@@INIT $(cut -d' ' -f1 /proc/uptime)"
 for m in $(cat /etc/modules-load); do
     insmod "/lib/modules/$m.ko" || echo "@@RESULT load-module-$m fail insmod exited $?"
 done
-. /lib/guest-lib.sh
 sh -c '. /lib/guest-lib.sh; . /script.sh'
 echo "@@DONE $?"
 sync
@@ -46,7 +45,11 @@ result() { n=$1; v=$2; shift 2; echo "@@RESULT $n $v $*"; }
 pass() { n=$1; shift; result "$n" pass "$@"; }
 fail() { n=$1; shift; result "$n" fail "$@"; }
 # check NAME COMMAND...: pass if the command succeeds
-check() { n=$1; shift; if "$@" >/tmp/check.out 2>&1; then pass "$n" "$(head -c 200 /tmp/check.out | tr '\n' ' ')"; else fail "$n" "exit $?: $(head -c 200 /tmp/check.out | tr '\n' ' ')"; fi; }
+check() {
+    n=$1; shift
+    if "$@" >/tmp/check.out 2>&1; then pass "$n" "$(head -c 200 /tmp/check.out | tr '\n' ' ')"
+    else fail "$n" "exit $?: $(head -c 200 /tmp/check.out | tr '\n' ' ')"; fi
+}
 """
 
 

@@ -1,0 +1,108 @@
+"""A test double of part 1's RiscvIommu surface, for part 2's unit tests.
+
+It has exactly what the contract says part 2 may use: `memory`, `config`, the `ddtp`
+and `fctl` ints, `raise_irq`, the `report_fault` / `count_event` hooks, the
+invalidation primitives (recorded in `calls`), `device_context` and `translate`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from vfiouser_iommu.iommu.registers import RegisterFile
+from vfiouser_iommu.iommu.regs_layouts import CAPABILITIES
+from vfiouser_iommu.memory import GuestMemory
+
+RAM_BASE = 0x8000_0000
+RAM_SIZE = 16 << 20
+
+DEFAULT_CAPS = dict(version=0x10, Sv39=1, Sv48=1, Sv57=1, Sv39x4=1, Sv48x4=1, Sv57x4=1,
+                    MSI_FLAT=1, MSI_MRIF=1, ATS=1, IGS=0, HPM=1, DBG=1, PAS=56, PD8=1,
+                    PD17=1, PD20=1)
+
+
+@dataclass(frozen=True)
+class FakeFault:
+    cause: int
+    ttyp: int
+    iotval: int
+    iotval2: int
+    device_id: int
+    process_id: int | None
+    privileged: bool
+
+    def to_record(self, big_endian: bool = False) -> bytes:
+        pv = self.process_id is not None
+        dw0 = (self.cause | (self.process_id or 0) << 12 | pv << 32
+               | (pv and self.privileged) << 33 | self.ttyp << 34 | self.device_id << 40)
+        return struct.pack(">4Q" if big_endian else "<4Q", dw0, 0, self.iotval, self.iotval2)
+
+
+@dataclass
+class FakeConfig:
+    caps: dict = field(default_factory=dict)
+    gxl_writable: bool = False
+
+    @property
+    def capabilities(self) -> int:
+        return CAPABILITIES.encode(**{**DEFAULT_CAPS, **self.caps})
+
+
+class FakeIommu:
+    def __init__(self, caps: dict | None = None, **regs_options):
+        self.memory = GuestMemory.ram(RAM_BASE, RAM_SIZE)
+        self.config = FakeConfig(caps or {})
+        self.ddtp = 0
+        self.fctl = 0
+        self.irqs: list[int] = []
+        self.raise_irq = self.irqs.append
+        self.recent_faults: deque = deque(maxlen=64)
+        self.counters: Counter = Counter()
+        self.calls: list[tuple] = []
+        self.contexts: dict[int, object] = {}
+        self.translate_result: object = None
+        self.report_fault = self.recent_faults.append
+        self.count_event = self._count
+        self.regs = RegisterFile(self, **regs_options)
+        self.regs._make_fault = lambda **f: FakeFault(**f)
+
+    def _count(self, event, device_id, process_id, gscid, pscid) -> None:
+        self.counters[event] += 1
+
+    def invalidate_ddt(self, dv, device_id):
+        self.calls.append(("ddt", dv, device_id))
+
+    def invalidate_pdt(self, device_id, process_id):
+        self.calls.append(("pdt", device_id, process_id))
+
+    def invalidate_vma(self, gv, gscid, pscv, pscid, av, addr):
+        self.calls.append(("vma", gv, gscid, pscv, pscid, av, addr))
+
+    def invalidate_gvma(self, gv, gscid, av, addr):
+        self.calls.append(("gvma", gv, gscid, av, addr))
+
+    def invalidate_all(self):
+        self.calls.append(("all",))
+
+    def reset_translation_state(self):
+        self.calls.append(("reset",))
+
+    def device_context(self, device_id):
+        return self.contexts.get(device_id, FakeFault(258, 9, 4, 0, device_id, None, False))
+
+    def translate(self, request):
+        return self.translate_result
+
+    # -- helpers for tests --------------------------------------------------------------
+    def read(self, offset: int, size: int = 4) -> int:
+        return self.regs.mmio_read(offset, size)
+
+    def write(self, offset: int, value: int, size: int = 4) -> None:
+        self.regs.mmio_write(offset, size, value)
+
+
+def device_context(en_ats=True, en_pri=True, prpr=False):
+    return SimpleNamespace(tc=SimpleNamespace(EN_ATS=en_ats, EN_PRI=en_pri, PRPR=prpr))

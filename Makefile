@@ -1,0 +1,59 @@
+# vfiouser-iommu: the README's two commands are `make demo` and `make test`.
+# Both set up everything from a fresh Debian 12 machine: system packages (with apt,
+# as root or through sudo), a virtualenv in .venv, and the guest lab in
+# $(VFIOUSER_IOMMU_LAB) (default ~/.cache/vfiouser-iommu).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# swig and the Python headers build pylibfdt; dpkg-deb and tar unpack the lab's packages.
+SYSTEM_PACKAGES := python3-venv python3-dev swig gcc make dpkg tar xz-utils
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: demo test lab deps venv lint unit protocol qtest guest bench clean
+
+demo: lab
+	$(BIN)/vfiouser-iommu lab boot --reference
+
+test: lab lint
+	$(PYTEST) tests/unit tests/protocol tests/qtest tests/guest
+	$(PYTEST) tests/bench -m bench -s -q
+
+lab: venv
+	$(BIN)/vfiouser-iommu lab provision
+
+deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "== installing system packages:" $$missing; \
+	    $(SUDO) apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml | deps
+	@echo "== setting up $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check vfiouser_iommu tests
+
+unit: venv
+	$(PYTEST) tests/unit
+protocol: venv
+	$(PYTEST) tests/protocol
+qtest: lab
+	$(PYTEST) tests/qtest
+guest: lab
+	$(PYTEST) tests/guest
+bench: lab
+	$(PYTEST) tests/bench -m bench -s
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

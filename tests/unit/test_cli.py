@@ -1,0 +1,58 @@
+"""Argument parsing of the `vfiouser-iommu` command."""
+
+import pytest
+
+from vfiouser_iommu.cli import build_parser, main
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+def test_every_subcommand_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "lab" in out
+
+
+@pytest.mark.parametrize("sub", ["provision", "status", "boot", "qemu-args"])
+def test_lab_subcommands_explain_themselves(capsys, sub):
+    with pytest.raises(SystemExit) as e:
+        main(["lab", sub, "--help"])
+    assert e.value.code == 0
+    assert "usage: vfiouser-iommu lab " + sub in capsys.readouterr().out
+
+
+def test_lab_boot_options():
+    args = parse("lab", "boot", "--reference", "--script", "/x.sh", "--timeout", "42")
+    assert args.reference and str(args.script) == "/x.sh" and args.timeout == 42.0
+    assert parse("lab", "boot").timeout == 300 and not parse("lab", "boot").reference
+
+
+def test_lab_provision_options():
+    args = parse("lab", "provision", "--kernel", "/k/Image", "--modules", "/k/mods", "--refresh")
+    assert str(args.kernel) == "/k/Image" and str(args.modules) == "/k/mods" and args.refresh
+
+
+def test_modules_without_kernel_is_refused(capsys):
+    assert main(["lab", "provision", "--modules", "/m"]) == 2
+    assert "--modules goes with --kernel" in capsys.readouterr().err
+
+
+def test_bad_timeout_and_missing_subcommand_are_usage_errors():
+    with pytest.raises(SystemExit) as e:
+        parse("lab", "boot", "--timeout", "soon")
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        parse("lab")
+    assert e.value.code == 2
+
+
+def test_status_without_a_lab_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VFIOUSER_IOMMU_LAB", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["lab", "status"])
+    assert e.value.code == 2
+    assert "lab provision" in capsys.readouterr().err

@@ -20,8 +20,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
-_LE = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
-_BE = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I"), 8: struct.Struct(">Q")}
+_LE = {n: struct.Struct("<" + c) for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
+_BE = {n: struct.Struct(">" + c) for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
 
 
 class MemoryAccessError(Exception):
@@ -204,6 +204,23 @@ class GuestMemory:
         return old
 
 
+@dataclass(frozen=True)
+class DmaAttrs:
+    """What a DMA request carries besides its address (PCIe TLP attributes).
+
+    `pasid` is None when the request has no PASID prefix; `privileged` and `execute` are
+    the PASID prefix's PMR and ER bits. The identity view ignores them; a translating
+    view checks them (RISC-V IOMMU spec 1.0.1, section 2.3).
+    """
+
+    pasid: int | None = None
+    privileged: bool = False
+    execute: bool = False
+
+
+NO_ATTRS = DmaAttrs()
+
+
 class DmaError(Exception):
     """A device's DMA could not be performed (unmapped, or the IOMMU faulted it).
 
@@ -262,3 +279,33 @@ class DmaView:
     def write_int(self, addr: int, size: int, value: int) -> None:
         self.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
+    # -- requests with attributes (PASID, privilege, execute) -------------------------
+    def map_range_as(self, addr: int, length: int, write: bool,
+                     attrs: DmaAttrs) -> list[tuple[int, int]]:
+        """`map_range` for a request carrying `attrs`; identity has nothing to check."""
+        return self.map_range(addr, length, write)
+
+    def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
+        """`read` for a request that carries `attrs`."""
+        if length == 0:
+            return b""
+        pieces = self.map_range_as(addr, length, False, attrs)
+        try:
+            return b"".join(self.memory.read(gpa, n) for gpa, n in pieces)
+        except MemoryAccessError as e:
+            raise DmaError(addr, length, False, str(e)) from None
+
+    def write_as(self, addr: int, data: bytes | bytearray | memoryview, attrs: DmaAttrs) -> None:
+        """`write` for a request that carries `attrs`."""
+        length = len(data)
+        if length == 0:
+            return
+        pieces = self.map_range_as(addr, length, True, attrs)
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            for gpa, n in pieces:
+                self.memory.write(gpa, view[done:done + n])
+                done += n
+        except MemoryAccessError as e:
+            raise DmaError(addr, length, True, str(e)) from None

@@ -1,0 +1,236 @@
+"""The vfio-user server: one process, one event loop, one UNIX socket per PCI function.
+
+Each function listens on its own socket (mode 0600; a vfio-user connection serves
+exactly one device) and accepts one client at a time; a second client is refused while
+the first is connected. All sockets, connections and deferred callbacks share one
+`selectors` loop, so no client request ever waits behind another function's work.
+SIGTERM and SIGINT stop the loop cleanly: connections are closed (dropping their DMA
+maps and eventfds) and the socket files removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ..pci.function import PciFunction
+from .session import Session
+from .wire import DmaLayout
+
+log = logging.getLogger(__name__)
+
+
+class FunctionPort:
+    """A function's listening socket and its current session; the function's host."""
+
+    def __init__(self, server: Server, function: PciFunction, path: Path) -> None:
+        self.server = server
+        self.function = function
+        self.path = path
+        self.session: Session | None = None
+        self.listener = _listen(path)
+        function.attach(self)
+
+    # FunctionHost
+    def trigger(self, irq_index: int, vector: int) -> bool:
+        session = self.session
+        return session is not None and not session.closed and session.trigger(irq_index, vector)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.server.call_soon(callback)
+
+    def after_dma_writes(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the client has acknowledged every DMA write posted."""
+        if self.session is None or self.session.closed:
+            callback()
+        else:
+            self.session.after_dma_writes(callback)
+
+
+class Server:
+    """Serves PCI functions over vfio-user until stopped."""
+
+    def __init__(self, *, dma_layout: DmaLayout = DmaLayout.QEMU,
+                 max_dma_maps: int = 65535) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.ports: dict[Path, FunctionPort] = {}
+        self.dma_layout = dma_layout
+        self.max_dma_maps = max_dma_maps
+        self._soon: deque[Callable[[], None]] = deque()
+        self._running = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+    # -- setup ---------------------------------------------------------------------------
+    def add_function(self, function: PciFunction, socket_path: str | os.PathLike) -> FunctionPort:
+        path = Path(socket_path)
+        port = FunctionPort(self, function, path)
+        self.ports[path] = port
+        self.selector.register(port.listener, selectors.EVENT_READ, ("accept", port))
+        log.info("%s listening on %s", function.name, path)
+        return port
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` from the loop soon; safe from other threads too."""
+        self._soon.append(callback)
+        if threading.current_thread() is not threading.main_thread() or not self._running:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- running ---------------------------------------------------------------------------
+    def serve_forever(self, *, handle_signals: bool = True) -> None:
+        """Run the loop until `stop()` or SIGTERM/SIGINT; then close everything."""
+        previous = {}
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        self._running = True
+        try:
+            while self._running:
+                self.run_once(None if not self._soon else 0)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        self.stop()
+
+    def stop(self) -> None:
+        self._running = False
+        self._wake()
+
+    def run_once(self, timeout: float | None = 0) -> None:
+        """Handle whatever is ready (waiting at most `timeout`), then deferred calls."""
+        for key, events in self.selector.select(timeout):
+            kind, port = key.data
+            _DISPATCH[kind](self, key, events, port)
+        for _ in range(len(self._soon)):
+            callback = self._soon.popleft()
+            try:
+                callback()
+            except Exception:
+                log.exception("deferred callback %r failed", callback)
+
+    def _on_wake(self, key, events, port) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_accept(self, key, events, port: FunctionPort) -> None:
+        try:
+            conn, _ = port.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if port.session is not None and not port.session.closed:
+            log.warning("%s: second client refused (one client per socket)", port.function.name)
+            conn.close()
+            return
+        conn.setblocking(False)
+        session = Session(conn, port.function, call_soon=self.call_soon,
+                          want_write=self._want_write, dma_layout=self.dma_layout,
+                          max_dma_maps=self.max_dma_maps)
+        port.session = session
+        self.selector.register(conn, selectors.EVENT_READ, ("session", port))
+        log.info("%s: client connected", port.function.name)
+
+    def _on_session(self, key, events, port: FunctionPort) -> None:
+        session = port.session
+        if session is None or session.sock is not key.fileobj:
+            return
+        if events & selectors.EVENT_WRITE:
+            session.on_writable()
+        if events & selectors.EVENT_READ and not session.closed:
+            session.on_readable()
+        if session.closed:
+            self._forget(port, key.fileobj)
+
+    def _want_write(self, session: Session, on: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        try:
+            key = self.selector.get_key(session.sock)
+        except (KeyError, ValueError):
+            return
+        self.selector.modify(session.sock, events, key.data)
+
+    def _forget(self, port: FunctionPort, sock) -> None:
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        if port.session is not None and port.session.sock is sock:
+            port.session = None
+
+    # -- teardown --------------------------------------------------------------------------
+    def close(self) -> None:
+        for port in self.ports.values():
+            if port.session is not None:
+                sock = port.session.sock
+                port.session.close()
+                self._forget(port, sock)
+            try:
+                self.selector.unregister(port.listener)
+            except (KeyError, ValueError):
+                pass
+            port.listener.close()
+            try:
+                port.path.unlink()
+            except FileNotFoundError:
+                pass
+        self.ports.clear()
+
+
+_DISPATCH = {
+    "wake": Server._on_wake,
+    "accept": Server._on_accept,
+    "session": Server._on_session,
+}
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening socket at `path`, mode 0600, that appears only once it listens.
+
+    Binding under a temporary name and renaming means a client polling for the path
+    never finds a socket that is not yet accepting.
+    """
+    tmp = path.with_name(f".{path.name}~")
+    if len(os.fsencode(tmp)) >= 108:
+        raise ValueError(f"socket path too long for sun_path: {path}")
+    for stale in (tmp, path):
+        if stale.is_socket():
+            stale.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(tmp))
+    finally:
+        os.umask(old_umask)
+    sock.listen(1)
+    sock.setblocking(False)
+    os.rename(tmp, path)
+    return sock
+
+
+def serve(functions: Iterable[tuple[PciFunction, str | os.PathLike]], **kwargs) -> None:
+    """Serve `(function, socket_path)` pairs until SIGTERM."""
+    server = Server(**kwargs)
+    for function, path in functions:
+        server.add_function(function, path)
+    server.serve_forever()

@@ -1,0 +1,686 @@
+"""One vfio-user connection: framing, command dispatch, DMA maps, IRQ eventfds.
+
+Implements the server side of the vfio-user protocol (QEMU `docs/interop/vfio-user.rst`)
+for one PCI function, as QEMU's `vfio-user-pci` client drives it (see docs/vfio-user.md
+for what was checked against a live QEMU).
+
+Rules this module keeps:
+
+* Messages are processed strictly in arrival order, one at a time, so a posted
+  (NO_REPLY) region write is applied before any later read.
+* A reply never exceeds what QEMU reserved for it (the request's size, or the table in
+  docs/vfio-user.md); a NO_REPLY command never gets a reply, not even an error.
+* We never wait for the client. Our own requests (DMA_WRITE/DMA_READ) are sent and their
+  replies matched by id later; interrupts raised while DMA writes are in flight are held
+  until those writes are acknowledged, so the guest never sees an interrupt before data.
+* Bad input is an errno reply and a log line. Only framing we cannot resynchronise from
+  (a header shorter than 16 bytes, an unknown message type, truncated fds) closes the
+  connection; oversized messages are drained and answered E2BIG.
+* Every fd a message brings is either owned by what it was for or closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+
+from ..memory import MemoryAccessError
+from ..pci.function import (
+    NUM_IRQS,
+    NUM_REGIONS,
+    PciFunction,
+    RegionAccessError,
+    check_region_access,
+)
+from . import wire
+from .dma import DmaMapError, DmaMapTable
+from .wire import HEADER, HEADER_SIZE, Command, DmaLayout
+
+log = logging.getLogger(__name__)
+
+MAX_DATA_XFER_SIZE = 1 << 20
+MAX_MSG_FDS = 8
+# Largest message we read into memory: a REGION_WRITE of max_data_xfer_size bytes.
+MAX_MSG_SIZE = HEADER_SIZE + wire.REGION_ACCESS.size + MAX_DATA_XFER_SIZE
+# Room for fds in one recvmsg; more than this truncates and closes the connection.
+RECV_MAX_FDS = 16
+# Messages handled per readable event before yielding to other connections.
+BATCH = 64
+
+
+class ProtocolError(Exception):
+    """A client error answered with an errno."""
+
+    def __init__(self, error: int, why: str):
+        super().__init__(why)
+        self.errno = error
+
+
+class FatalProtocolError(Exception):
+    """Framing we cannot recover from: the connection is closed."""
+
+
+Reply = tuple[bytes, list[int]] | bytes
+
+
+class Session:
+    """The server end of one client connection to one function."""
+
+    def __init__(self, sock: socket.socket, function: PciFunction, *,
+                 call_soon: Callable[[Callable[[], None]], None],
+                 want_write: Callable[[Session, bool], None],
+                 dma_layout: DmaLayout = DmaLayout.QEMU,
+                 max_dma_maps: int = 65535) -> None:
+        self.sock = sock
+        self.function = function
+        self.name = function.name
+        self.call_soon = call_soon
+        self._want_write = want_write
+        self.dma_layout = dma_layout
+        self.closed = False
+        self.negotiated = False
+        self.peer_max_data_xfer = MAX_DATA_XFER_SIZE
+        self.dma_maps = DmaMapTable(function.memory, max_dma_maps)
+        self.irq_fds: list[list[int | None]] = [
+            [None] * function.irq_count(i) for i in range(NUM_IRQS)]
+        self.irq_masked: list[list[bool]] = [
+            [False] * function.irq_count(i) for i in range(NUM_IRQS)]
+        self.messages_handled = 0
+        # read state: header bytes, fds that came with them, body bytes, bytes to drain
+        self._hdr = bytearray()
+        self._fds: list[int] = []
+        self._body = bytearray()
+        self._drain = 0
+        self._out: deque[bytes] = deque()
+        # our requests to the client
+        self._next_id = 0
+        self._pending: dict[int, Callable[[int, bytes], None]] = {}
+        self._dma_writes_in_flight = 0
+        self._after_dma: deque[Callable[[], None]] = deque()
+        function.memory.fallback = MessageDma(self)
+
+    # -- reading ---------------------------------------------------------------------------
+    def on_readable(self) -> None:
+        try:
+            for _ in range(BATCH):
+                if self.closed or not self._read_step():
+                    return
+        except FatalProtocolError as e:
+            log.warning("%s: closing connection: %s", self.name, e)
+            self.close()
+
+    def _read_step(self) -> bool:
+        """Read what is available towards the next message; False when nothing is."""
+        try:
+            if self._drain:
+                return self._drain_step()
+            if len(self._hdr) < HEADER_SIZE:
+                return self._read_header()
+            return self._read_body()
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionError as e:
+            log.info("%s: client connection error: %s", self.name, e)
+            self.close()
+            return False
+
+    def _read_header(self) -> bool:
+        data, fds, flags, _ = socket.recv_fds(self.sock, HEADER_SIZE - len(self._hdr),
+                                              RECV_MAX_FDS)
+        self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise FatalProtocolError("too many fds in one message")
+        if not data:
+            self._eof()
+            return False
+        self._hdr += data
+        if len(self._hdr) < HEADER_SIZE:
+            return True
+        msg_id, cmd, size, flags, _ = HEADER.unpack(self._hdr)
+        if size < HEADER_SIZE:
+            raise FatalProtocolError(f"message size {size} < header")
+        if flags & wire.TYPE_MASK not in (wire.TYPE_COMMAND, wire.TYPE_REPLY):
+            raise FatalProtocolError(f"message type {flags & wire.TYPE_MASK}")
+        if size > MAX_MSG_SIZE:
+            self._drain = size - HEADER_SIZE
+            return True
+        if size == HEADER_SIZE:
+            self._complete()
+        return True
+
+    def _read_body(self) -> bool:
+        size = HEADER.unpack_from(self._hdr)[2]
+        want = size - HEADER_SIZE - len(self._body)
+        data = self.sock.recv(want)
+        if not data:
+            self._eof()
+            return False
+        self._body += data
+        if len(self._body) == size - HEADER_SIZE:
+            self._complete()
+        return True
+
+    def _drain_step(self) -> bool:
+        data = self.sock.recv(min(self._drain, 1 << 16))
+        if not data:
+            self._eof()
+            return False
+        self._drain -= len(data)
+        if self._drain == 0:
+            msg_id, cmd, size, flags, _ = HEADER.unpack(self._hdr)
+            fds, self._fds, self._hdr = self._fds, [], bytearray()
+            _close_fds(fds)
+            log.warning("%s: message %d (command %d) of %d bytes exceeds %d; drained",
+                        self.name, msg_id, cmd, size, MAX_MSG_SIZE)
+            if flags & wire.TYPE_MASK == wire.TYPE_COMMAND:
+                self._send_error(msg_id, cmd, flags, errno.E2BIG)
+        return True
+
+    def _eof(self) -> None:
+        if self._hdr or self._body:
+            log.warning("%s: client closed mid-message", self.name)
+        else:
+            log.info("%s: client disconnected", self.name)
+        self.close()
+
+    def _complete(self) -> None:
+        header, body, fds = bytes(self._hdr), bytes(self._body), self._fds
+        self._hdr, self._body, self._fds = bytearray(), bytearray(), []
+        msg_id, cmd, size, flags, error_no = HEADER.unpack(header)
+        self.messages_handled += 1
+        if flags & wire.TYPE_MASK == wire.TYPE_REPLY:
+            _close_fds(fds)
+            self._on_reply(msg_id, cmd, flags, error_no, body)
+        else:
+            self._on_command(msg_id, cmd, flags, body, fds)
+
+    # -- commands ----------------------------------------------------------------------------
+    def _on_command(self, msg_id: int, cmd: int, flags: int, body: bytes,
+                    fds: list[int]) -> None:
+        handler = _HANDLERS.get(cmd)
+        try:
+            if handler is None:
+                raise ProtocolError(errno.ENOSYS, f"unsupported command {cmd}")
+            if not self.negotiated and cmd != Command.VERSION:
+                raise ProtocolError(errno.EINVAL, f"command {cmd} before VERSION")
+            reply = handler(self, body, fds)
+        except (ProtocolError, DmaMapError, RegionAccessError) as e:
+            log.warning("%s: command %s failed (%s): %s", self.name, _cmd_name(cmd),
+                        errno.errorcode.get(e.errno, e.errno), e)
+            self._send_error(msg_id, cmd, flags, e.errno)
+            return
+        except Exception:
+            log.exception("%s: bug handling command %s", self.name, _cmd_name(cmd))
+            self._send_error(msg_id, cmd, flags, errno.EIO)
+            return
+        finally:
+            _close_fds(fds)
+        if not flags & wire.FLAG_NO_REPLY and not self.closed:
+            self._send(wire.pack_header(msg_id, cmd, HEADER_SIZE + len(reply),
+                                        wire.TYPE_REPLY) + reply)
+
+    def _send_error(self, msg_id: int, cmd: int, flags: int, error: int) -> None:
+        if flags & wire.FLAG_NO_REPLY or self.closed:
+            return
+        self._send(wire.pack_header(msg_id, cmd, HEADER_SIZE,
+                                    wire.TYPE_REPLY | wire.FLAG_ERROR, error))
+
+    def _version(self, body: bytes, fds: list[int]) -> bytes:
+        if self.negotiated:
+            raise ProtocolError(errno.EINVAL, "second VERSION")
+        if fds:
+            raise ProtocolError(errno.EINVAL, "VERSION carries fds")
+        if len(body) < wire.VERSION.size:
+            raise ProtocolError(errno.EINVAL, "VERSION payload too short")
+        major, minor = wire.VERSION.unpack_from(body)
+        if major != 0:
+            raise ProtocolError(errno.ENOTSUP, f"client protocol version {major}.{minor}")
+        caps = _parse_client_caps(body[wire.VERSION.size:])
+        self.peer_max_data_xfer = min(caps.get("max_data_xfer_size", MAX_DATA_XFER_SIZE),
+                                      MAX_DATA_XFER_SIZE)
+        self.negotiated = True
+        # QEMU receives the reply into its request's buffer: never answer longer.
+        limit = HEADER_SIZE + len(body)
+        for document in ({"capabilities": {"max_msg_fds": MAX_MSG_FDS,
+                                           "max_data_xfer_size": MAX_DATA_XFER_SIZE,
+                                           "pgsizes": 4096,
+                                           "max_dma_maps": self.dma_maps.max_maps}},
+                         {"capabilities": {"max_data_xfer_size": MAX_DATA_XFER_SIZE}},
+                         {}):
+            reply = wire.VERSION.pack(0, 0) + json.dumps(document, separators=(",", ":")
+                                                         ).encode() + b"\0"
+            if HEADER_SIZE + len(reply) <= limit:
+                return reply
+        return wire.VERSION.pack(0, 0)
+
+    def _dma_map(self, body: bytes, fds: list[int]) -> bytes:
+        argsz, flags, offset, addr, size = _unpack_arg(wire.DMA_MAP, body, "DMA_MAP")
+        if len(fds) > 1:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
+        fd = fds.pop() if fds else None
+        self.dma_maps.map(addr, size, flags, fd, offset)
+        log.debug("%s: DMA_MAP %#x+%#x flags %#x fd %s", self.name, addr, size, flags, fd)
+        self.function.dma_mapped(addr, size)
+        return b""
+
+    def _dma_unmap(self, body: bytes, fds: list[int]) -> bytes:
+        argsz, flags, addr, size = _unpack_arg(wire.DMA_UNMAP, body, "DMA_UNMAP")
+        _no_fds(fds, "DMA_UNMAP")
+        if flags == wire.DMA_UNMAP_ALL:
+            if addr or size:
+                raise ProtocolError(errno.EINVAL, "UNMAP_ALL with an address")
+            for m in list(self.dma_maps.mappings.values()):
+                self.function.dma_unmapped(m.addr, m.size)
+            self.dma_maps.unmap_all()
+        elif flags == 0:
+            if addr not in self.dma_maps.mappings or self.dma_maps.mappings[addr].size != size:
+                raise ProtocolError(errno.ENOENT, f"no DMA map {addr:#x}+{size:#x}")
+            self.function.dma_unmapped(addr, size)
+            self.dma_maps.unmap(addr, size)
+        else:
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP flags {flags:#x}")
+        return wire.DMA_UNMAP.pack(wire.DMA_UNMAP.size, flags, addr, size)
+
+    def _device_get_info(self, body: bytes, fds: list[int]) -> bytes:
+        _unpack_arg(wire.DEVICE_INFO, body, "DEVICE_GET_INFO")
+        _no_fds(fds, "DEVICE_GET_INFO")
+        return wire.DEVICE_INFO.pack(wire.DEVICE_INFO.size,
+                                     wire.DEVICE_FLAGS_RESET | wire.DEVICE_FLAGS_PCI,
+                                     NUM_REGIONS, NUM_IRQS)
+
+    def _get_region_info(self, body: bytes, fds: list[int]) -> bytes:
+        argsz, _, index, _, _, _ = _unpack_arg(wire.REGION_INFO, body, "GET_REGION_INFO")
+        _no_fds(fds, "GET_REGION_INFO")
+        if index >= NUM_REGIONS:
+            raise ProtocolError(errno.EINVAL, f"no region {index}")
+        size = self.function.region_size(index)
+        flags = wire.REGION_INFO_FLAG_READ | wire.REGION_INFO_FLAG_WRITE if size else 0
+        # No caps and no mmap: the reply is the base struct, which fits any argsz >= 32.
+        return wire.REGION_INFO.pack(wire.REGION_INFO.size, flags, index, 0, size, 0)
+
+    def _get_irq_info(self, body: bytes, fds: list[int]) -> bytes:
+        argsz, _, index, _ = _unpack_arg(wire.IRQ_INFO, body, "GET_IRQ_INFO")
+        _no_fds(fds, "GET_IRQ_INFO")
+        if index >= NUM_IRQS:
+            raise ProtocolError(errno.EINVAL, f"no IRQ index {index}")
+        flags = wire.IRQ_INFO_EVENTFD
+        if index == wire.PciIrq.INTX:
+            flags |= wire.IRQ_INFO_MASKABLE | wire.IRQ_INFO_AUTOMASKED
+        return wire.IRQ_INFO.pack(wire.IRQ_INFO.size, flags, index,
+                                  self.function.irq_count(index))
+
+    def _set_irqs(self, body: bytes, fds: list[int]) -> bytes:
+        argsz, flags, index, start, count = _unpack_arg(wire.IRQ_SET, body, "SET_IRQS")
+        data_type = flags & wire.IRQ_SET_DATA_TYPE_MASK
+        action = flags & wire.IRQ_SET_ACTION_TYPE_MASK
+        if (flags & ~(wire.IRQ_SET_DATA_TYPE_MASK | wire.IRQ_SET_ACTION_TYPE_MASK)
+                or data_type.bit_count() != 1 or action.bit_count() != 1):
+            raise ProtocolError(errno.EINVAL, f"SET_IRQS flags {flags:#x}")
+        if index >= NUM_IRQS:
+            raise ProtocolError(errno.EINVAL, f"no IRQ index {index}")
+        if fds and data_type != wire.IRQ_SET_DATA_EVENTFD:
+            raise ProtocolError(errno.EINVAL, "SET_IRQS fds without DATA_EVENTFD")
+        if count == 0:
+            if (start or data_type != wire.IRQ_SET_DATA_NONE
+                    or action != wire.IRQ_SET_ACTION_TRIGGER):
+                raise ProtocolError(errno.EINVAL, "SET_IRQS count 0 is only disable-all")
+            self._irq_assign(index, 0, [None] * len(self.irq_fds[index]))
+            return b""
+        n = len(self.irq_fds[index])
+        if start >= n or count > n - start:
+            raise ProtocolError(errno.EINVAL, f"SET_IRQS {index}: {start}+{count} of {n}")
+        data = body[wire.IRQ_SET.size:]
+        _SET_IRQS_DATA[data_type](self, index, start, count, action, data, fds)
+        return b""
+
+    def _set_irqs_eventfd(self, index: int, start: int, count: int, action: int,
+                          data: bytes, fds: list[int]) -> None:
+        if action != wire.IRQ_SET_ACTION_TRIGGER:
+            raise ProtocolError(errno.EINVAL, "DATA_EVENTFD only with ACTION_TRIGGER")
+        if data or len(fds) not in (0, count):
+            raise ProtocolError(errno.EINVAL, f"SET_IRQS {count} vectors, {len(fds)} fds")
+        new: list[int | None] = list(fds) if fds else [None] * count
+        fds.clear()
+        self._irq_assign(index, start, new)
+
+    def _set_irqs_none(self, index: int, start: int, count: int, action: int,
+                       data: bytes, fds: list[int]) -> None:
+        if data:
+            raise ProtocolError(errno.EINVAL, "DATA_NONE with data")
+        self._irq_action(index, range(start, start + count), action)
+
+    def _set_irqs_bool(self, index: int, start: int, count: int, action: int,
+                       data: bytes, fds: list[int]) -> None:
+        if len(data) != count:
+            raise ProtocolError(errno.EINVAL, f"DATA_BOOL with {len(data)} bytes for {count}")
+        self._irq_action(index, [start + i for i, b in enumerate(data) if b], action)
+
+    def _irq_assign(self, index: int, start: int, new: list[int | None]) -> None:
+        slots = self.irq_fds[index]
+        for i, fd in enumerate(new):
+            old = slots[start + i]
+            if old is not None:
+                os.close(old)
+            slots[start + i] = fd
+            self.irq_masked[index][start + i] = False
+        for i, fd in enumerate(new):
+            if fd is not None and index == wire.PciIrq.MSIX:
+                self.function.msix_vector_ready(start + i)
+            elif fd is not None and index == wire.PciIrq.INTX and self.function.intx_asserted:
+                self.trigger(index, start + i)
+
+    def _irq_action(self, index: int, vectors, action: int) -> None:
+        for v in vectors:
+            if action == wire.IRQ_SET_ACTION_TRIGGER:
+                self.trigger(index, v)
+            elif action == wire.IRQ_SET_ACTION_MASK:
+                self.irq_masked[index][v] = True
+            else:
+                self.irq_masked[index][v] = False
+                self._after_unmask(index, v)
+
+    def _after_unmask(self, index: int, vector: int) -> None:
+        if index == wire.PciIrq.INTX and self.function.intx_asserted:
+            self.trigger(index, vector)
+        elif index == wire.PciIrq.MSIX:
+            self.function.msix_vector_ready(vector)
+
+    def _region_read(self, body: bytes, fds: list[int]) -> bytes:
+        offset, index, count = _region_access(body, fds, "REGION_READ")
+        if len(body) != wire.REGION_ACCESS.size:
+            raise ProtocolError(errno.EINVAL, "REGION_READ with data")
+        data = self._region_io(index, offset, count, None)
+        return wire.REGION_ACCESS.pack(offset, index, count) + data
+
+    def _region_write(self, body: bytes, fds: list[int]) -> bytes:
+        offset, index, count = _region_access(body, fds, "REGION_WRITE")
+        if len(body) != wire.REGION_ACCESS.size + count:
+            raise ProtocolError(errno.EINVAL,
+                                f"REGION_WRITE of {count} bytes carries {len(body) - 16}")
+        self._region_io(index, offset, count, body[wire.REGION_ACCESS.size:])
+        return wire.REGION_ACCESS.pack(offset, index, count)
+
+    def _region_io(self, index: int, offset: int, count: int, data: bytes | None) -> bytes:
+        if count == 0:
+            return b""
+        check_region_access(self.function, index, offset, count)
+        if data is None:
+            return self.function.region_read(index, offset, count)
+        self.function.region_write(index, offset, data)
+        return b""
+
+    def _device_reset(self, body: bytes, fds: list[int]) -> bytes:
+        _no_fds(fds, "DEVICE_RESET")
+        if body:
+            raise ProtocolError(errno.EINVAL, "DEVICE_RESET with payload")
+        self.function.reset()
+        return b""  # QEMU reserved a 16-byte reply: header only
+
+    # -- our requests to the client -----------------------------------------------------
+    def dma_write(self, addr: int, data: bytes,
+                  done: Callable[[int], None] | None = None) -> None:
+        """Post a DMA_WRITE (in chunks of the client's max transfer); never waits."""
+        if not data:
+            if done is not None:
+                done(0)
+            return
+        chunk = max(1, self.peer_max_data_xfer)
+        pieces = [(addr + i, data[i:i + chunk]) for i in range(0, len(data), chunk)]
+        remaining = [len(pieces)]
+        first_error = [0]
+
+        def on_reply(error: int, payload: bytes) -> None:
+            self._dma_writes_in_flight -= 1
+            first_error[0] = first_error[0] or error
+            remaining[0] -= 1
+            if remaining[0] == 0 and done is not None:
+                done(first_error[0])
+            if self._dma_writes_in_flight == 0:
+                self._run_after_dma()
+
+        for gpa, piece in pieces:
+            self._dma_writes_in_flight += 1
+            self._request(Command.DMA_WRITE,
+                          wire.encode_dma_request(self.dma_layout, gpa, len(piece), piece),
+                          on_reply)
+
+    def dma_read(self, addr: int, count: int, done: Callable[[int, bytes], None]) -> None:
+        """Ask the client for `count` bytes at `addr`; `done(errno, data)` gets them."""
+        if count > self.peer_max_data_xfer:
+            done(errno.E2BIG, b"")
+            return
+        layout = self.dma_layout
+
+        def on_reply(error: int, payload: bytes) -> None:
+            if error:
+                done(error, b"")
+                return
+            try:
+                r_addr, r_count, data = wire.decode_dma_payload(layout, payload)
+            except ValueError as e:
+                log.warning("%s: bad DMA_READ reply: %s", self.name, e)
+                done(errno.EPROTO, b"")
+                return
+            if (r_addr, r_count) != (addr, count):
+                done(errno.EPROTO, b"")
+                return
+            done(0, data)
+
+        self._request(Command.DMA_READ, wire.encode_dma_request(layout, addr, count), on_reply)
+
+    def after_dma_writes(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once every DMA_WRITE posted so far is acknowledged."""
+        if self._dma_writes_in_flight == 0:
+            callback()
+        else:
+            self._after_dma.append(callback)
+
+    def _run_after_dma(self) -> None:
+        while self._after_dma and self._dma_writes_in_flight == 0:
+            self._after_dma.popleft()()
+
+    def _request(self, cmd: int, payload: bytes, on_reply: Callable[[int, bytes], None]) -> None:
+        msg_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        if msg_id in self._pending:
+            raise RuntimeError(f"{self.name}: 65536 requests in flight")
+        self._pending[msg_id] = on_reply
+        self._send(wire.pack_header(msg_id, cmd, HEADER_SIZE + len(payload),
+                                    wire.TYPE_COMMAND) + payload)
+
+    def _on_reply(self, msg_id: int, cmd: int, flags: int, error_no: int, body: bytes) -> None:
+        on_reply = self._pending.pop(msg_id, None)
+        if on_reply is None:
+            log.warning("%s: unsolicited reply id %d (command %d) dropped", self.name, msg_id, cmd)
+            return
+        error = min(max(error_no, 1), 4096) if flags & wire.FLAG_ERROR else 0
+        if error:
+            log.warning("%s: client answered our %s with %s", self.name, _cmd_name(cmd),
+                        errno.errorcode.get(error, error))
+        on_reply(error, body)
+
+    # -- interrupts ------------------------------------------------------------------------
+    def trigger(self, index: int, vector: int) -> bool:
+        """Signal an interrupt's eventfd, after in-flight DMA writes land."""
+        slots = self.irq_fds[index]
+        if not 0 <= vector < len(slots) or slots[vector] is None:
+            return False
+        if self._dma_writes_in_flight:
+            self._after_dma.append(lambda: self._signal(index, vector))
+        else:
+            self._signal(index, vector)
+        return True
+
+    def _signal(self, index: int, vector: int) -> None:
+        fd = self.irq_fds[index][vector]
+        if fd is None or self.irq_masked[index][vector]:
+            return
+        if index == wire.PciIrq.INTX:
+            self.irq_masked[index][vector] = True  # automasked until the client unmasks
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as e:
+            log.warning("%s: IRQ %d/%d eventfd write failed: %s", self.name, index, vector, e)
+
+    # -- writing ---------------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._out:
+            self._out.append(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            log.info("%s: send failed: %s", self.name, e)
+            self.close()
+            return
+        if sent < len(data):
+            self._out.append(data[sent:])
+            self._want_write(self, True)
+
+    def on_writable(self) -> None:
+        while self._out:
+            data = self._out[0]
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.info("%s: send failed: %s", self.name, e)
+                self.close()
+                return
+            if sent < len(data):
+                self._out[0] = data[sent:]
+                return
+            self._out.popleft()
+        self._want_write(self, False)
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the connection and everything it owned; the function state stays."""
+        if self.closed:
+            return
+        self.closed = True
+        _close_fds(self._fds)
+        self._fds = []
+        for m in list(self.dma_maps.mappings.values()):
+            self.function.dma_unmapped(m.addr, m.size)
+        self.dma_maps.unmap_all()
+        for slots in self.irq_fds:
+            _close_fds([fd for fd in slots if fd is not None])
+            slots[:] = [None] * len(slots)
+        if isinstance(self.function.memory.fallback, MessageDma):
+            self.function.memory.fallback = None
+        pending, self._pending = self._pending, {}
+        for on_reply in pending.values():
+            on_reply(errno.ENOTCONN, b"")
+        self._after_dma.clear()
+        self._out.clear()
+        self.sock.close()
+        self.function.disconnected()
+
+
+class MessageDma:
+    """`GuestMemory.fallback` of a connected function: DMA messages to the client.
+
+    Writes are posted as DMA_WRITE and never wait. Reads cannot be answered
+    synchronously without blocking the loop (the client serves our requests only after
+    we answer its own), so `read` raises MemoryAccessError; a function that must read
+    unmapped memory uses `Session.dma_read` with a callback.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def read(self, gpa: int, length: int) -> bytes:
+        raise MemoryAccessError(gpa, length, "not mapped (DMA_READ messages are asynchronous)")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.session.dma_write(gpa, data)
+
+
+def _unpack_arg(codec, body: bytes, what: str) -> tuple:
+    """Unpack a struct that begins with `argsz`: payload and argsz must cover it."""
+    if len(body) < codec.size:
+        raise ProtocolError(errno.EINVAL, f"{what} payload {len(body)} < {codec.size}")
+    fields = codec.unpack_from(body)
+    if fields[0] < codec.size:
+        raise ProtocolError(errno.EINVAL, f"{what} argsz {fields[0]} < {codec.size}")
+    return fields
+
+
+def _region_access(body: bytes, fds: list[int], what: str) -> tuple[int, int, int]:
+    _no_fds(fds, what)
+    if len(body) < wire.REGION_ACCESS.size:
+        raise ProtocolError(errno.EINVAL, f"{what} payload {len(body)} < 16")
+    offset, index, count = wire.REGION_ACCESS.unpack_from(body)
+    if count > MAX_DATA_XFER_SIZE:
+        raise ProtocolError(errno.E2BIG, f"{what} of {count} bytes")
+    return offset, index, count
+
+
+def _no_fds(fds: list[int], what: str) -> None:
+    if fds:
+        raise ProtocolError(errno.EINVAL, f"{what} carries {len(fds)} fds")
+
+
+def _parse_client_caps(raw: bytes) -> dict:
+    if not raw:
+        return {}
+    if raw[-1:] != b"\0":
+        raise ProtocolError(errno.EINVAL, "VERSION JSON not NUL-terminated")
+    try:
+        doc = json.loads(raw[:-1].decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(errno.EINVAL, f"VERSION JSON: {e}") from None
+    caps = doc.get("capabilities", {}) if isinstance(doc, dict) else None
+    if not isinstance(caps, dict):
+        raise ProtocolError(errno.EINVAL, "VERSION JSON has no capabilities object")
+    for key in ("max_msg_fds", "max_data_xfer_size", "pgsizes", "max_dma_maps"):
+        value = caps.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError(errno.EINVAL, f"VERSION capability {key} = {value!r}")
+    return caps
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _cmd_name(cmd: int) -> str:
+    try:
+        return Command(cmd).name
+    except ValueError:
+        return str(cmd)
+
+
+_HANDLERS: dict[int, Callable[[Session, bytes, list[int]], bytes]] = {
+    Command.VERSION: Session._version,
+    Command.DMA_MAP: Session._dma_map,
+    Command.DMA_UNMAP: Session._dma_unmap,
+    Command.DEVICE_GET_INFO: Session._device_get_info,
+    Command.DEVICE_GET_REGION_INFO: Session._get_region_info,
+    Command.DEVICE_GET_IRQ_INFO: Session._get_irq_info,
+    Command.DEVICE_SET_IRQS: Session._set_irqs,
+    Command.REGION_READ: Session._region_read,
+    Command.REGION_WRITE: Session._region_write,
+    Command.DEVICE_RESET: Session._device_reset,
+}
+
+_SET_IRQS_DATA = {
+    wire.IRQ_SET_DATA_EVENTFD: Session._set_irqs_eventfd,
+    wire.IRQ_SET_DATA_NONE: Session._set_irqs_none,
+    wire.IRQ_SET_DATA_BOOL: Session._set_irqs_bool,
+}

@@ -1,0 +1,124 @@
+"""IOMMU capabilities (spec v1.0.1 §5.3, `capabilities` register) as named fields.
+
+`IommuConfig` is what the model implements: every capability bit the spec defines, as a
+field, plus a few model parameters that are not architected (cache sizes). The
+`capabilities` property is the register value; `from_capabilities` goes the other way.
+The bit layout is written once, as a `construct` definition (`capabilities_layout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from enum import IntEnum
+
+from construct import BitsInteger, BitStruct, ByteSwapped, Flag
+
+from vfiouser_iommu.iommu.layouts import lsb_first
+
+
+class Igs(IntEnum):
+    """capabilities.IGS: which interrupt generation the IOMMU supports."""
+
+    MSI = 0
+    WSI = 1
+    BOTH = 2
+
+
+#: capabilities register, LSB first, names as in the spec (lower case).
+capabilities_layout = ByteSwapped(BitStruct(*lsb_first([
+    ("version", BitsInteger(8)), ("sv32", Flag), ("sv39", Flag), ("sv48", Flag),
+    ("sv57", Flag), ("reserved0", BitsInteger(3)), ("svpbmt", Flag), ("sv32x4", Flag),
+    ("sv39x4", Flag), ("sv48x4", Flag), ("sv57x4", Flag), ("reserved1", BitsInteger(1)),
+    ("amo_mrif", Flag), ("msi_flat", Flag), ("msi_mrif", Flag), ("amo_hwad", Flag),
+    ("ats", Flag), ("t2gpa", Flag), ("end", Flag), ("igs", BitsInteger(2)), ("hpm", Flag),
+    ("dbg", Flag), ("pas", BitsInteger(6)), ("pd8", Flag), ("pd17", Flag), ("pd20", Flag),
+    ("qosid", Flag), ("reserved2", BitsInteger(14)), ("custom", BitsInteger(8)),
+])))
+
+
+@dataclass(frozen=True)
+class IommuConfig:
+    """What this IOMMU instance implements.
+
+    Defaults describe a full-featured RV64 IOMMU that the Linux driver is happy with:
+    all RV64 first- and second-stage modes, MSI_FLAT + MSI_MRIF (so 64-byte extended
+    device contexts), HW A/D, ATS/T2GPA, MSI interrupts only, HPM and debug interface,
+    56-bit physical addresses, all three PDT depths. Sv32/Sv32x4 (needing fctl.GXL /
+    tc.SXL), END, AMO_MRIF and QOSID are off by default.
+    """
+
+    version: int = 0x10
+    sv32: bool = False
+    sv39: bool = True
+    sv48: bool = True
+    sv57: bool = True
+    svpbmt: bool = True
+    sv32x4: bool = False
+    sv39x4: bool = True
+    sv48x4: bool = True
+    sv57x4: bool = True
+    amo_mrif: bool = False
+    msi_flat: bool = True
+    msi_mrif: bool = True
+    amo_hwad: bool = True
+    ats: bool = True
+    t2gpa: bool = True
+    end: bool = False
+    igs: Igs = Igs.MSI
+    hpm: bool = True
+    dbg: bool = True
+    pas: int = 56
+    pd8: bool = True
+    pd17: bool = True
+    pd20: bool = True
+    qosid: bool = False
+    # Model parameters, not architected.
+    rcid_bits: int = 12
+    mcid_bits: int = 12
+    ddt_cache_entries: int = 256
+    pdt_cache_entries: int = 256
+    iotlb_entries: int = 4096
+    gtlb_entries: int = 1024
+    msi_cache_entries: int = 256
+
+    _CAP_FIELDS = ("version", "sv32", "sv39", "sv48", "sv57", "svpbmt", "sv32x4", "sv39x4",
+                   "sv48x4", "sv57x4", "amo_mrif", "msi_flat", "msi_mrif", "amo_hwad", "ats",
+                   "t2gpa", "end", "igs", "hpm", "dbg", "pas", "pd8", "pd17", "pd20", "qosid")
+
+    @property
+    def capabilities(self) -> int:
+        """The `capabilities` register value."""
+        values = {name: getattr(self, name) for name in self._CAP_FIELDS}
+        values["igs"] = int(values["igs"])
+        values.update(reserved0=0, reserved1=0, reserved2=0, custom=0)
+        return int.from_bytes(capabilities_layout.build(values), "little")
+
+    @classmethod
+    def from_capabilities(cls, caps: int, **model: object) -> "IommuConfig":
+        """Configuration from a `capabilities` value (model parameters from `model`)."""
+        parsed = capabilities_layout.parse((caps & (1 << 64) - 1).to_bytes(8, "little"))
+        values = {name: parsed[name] for name in cls._CAP_FIELDS}
+        values["igs"] = Igs(parsed["igs"]) if parsed["igs"] in Igs._value2member_map_ \
+            else Igs.MSI
+        names = {f.name for f in fields(cls)}
+        return replace(cls(), **values, **{k: v for k, v in model.items() if k in names})
+
+    @property
+    def gxl_writable(self) -> bool:
+        """Whether fctl.GXL can be set: only when 32-bit G-stage (Sv32x4) exists.
+
+        The spec leaves this to the implementation; tying it to Sv32x4 means tc.SXL=1
+        (Sv32 first stage) is legal under GXL=0 exactly when the IOMMU can do 32-bit
+        translation at all.
+        """
+        return self.sv32x4
+
+    @property
+    def be_writable(self) -> bool:
+        """fctl.BE is writable only when both endiannesses are supported (END)."""
+        return self.end
+
+    @property
+    def dc_size(self) -> int:
+        """Device-context size: 64-byte extended format iff MSI_FLAT."""
+        return 64 if self.msi_flat else 32

@@ -62,10 +62,12 @@ class FakeIommu:
         self.recent_faults: deque = deque(maxlen=64)
         self.counters: Counter = Counter()
         self.calls: list[tuple] = []
+        self.translation_resets = 0
         self.contexts: dict[int, object] = {}
         self.translate_result: object = None
         self.report_fault = self.recent_faults.append
         self.count_event = self._count
+        regs_options.setdefault("msi_table_external", True)
         self.regs = RegisterFile(self, **regs_options)
         self.regs._make_fault = lambda **f: FakeFault(**f)
 
@@ -88,7 +90,7 @@ class FakeIommu:
         self.calls.append(("all",))
 
     def reset_translation_state(self):
-        self.calls.append(("reset",))
+        self.translation_resets += 1
 
     def device_context(self, device_id):
         return self.contexts.get(device_id, FakeFault(258, 9, 4, 0, device_id, None, False))

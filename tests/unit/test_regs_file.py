@@ -14,7 +14,7 @@ TR_REQ_IOVA, TR_REQ_CTL, TR_RESPONSE, QOSID = 0x258, 0x260, 0x268, 0x270
 
 @pytest.fixture
 def iommu():
-    return FakeIommu()
+    return FakeIommu(msi_table_external=False)
 
 
 RESET_ZERO = [FCTL, DDTP, CQH, CQT, FQH, FQT, PQH, PQT, CQCSR, FQCSR, PQCSR, IPSR, IOCOUNTOVF,
@@ -40,9 +40,10 @@ def test_capabilities_reads_config_and_is_read_only(iommu):
 
 def test_ddtp_resets_off_with_ppn_zero_and_reset_empties_caches(iommu):
     iommu.write(DDTP, 0x1234_5000 | 4, 8)
+    resets = iommu.translation_resets
     iommu.regs.reset()
     assert iommu.read(DDTP, 8) == 0 and iommu.ddtp == 0
-    assert ("reset",) in iommu.calls
+    assert iommu.translation_resets == resets + 1
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3, 4])
@@ -179,7 +180,7 @@ def test_icvec_warl_vector_count():
     (dict(DBG=0), [TR_REQ_IOVA, TR_REQ_CTL, TR_RESPONSE]),
     (dict(QOSID=0), [QOSID]), (dict(IGS=1), [0x300, 0x308, 0x30C])])
 def test_absent_optional_registers_read_zero(caps, offsets):
-    iommu = FakeIommu(caps)
+    iommu = FakeIommu(caps, msi_table_external=False)
     for offset in offsets:
         iommu.write(offset, 0xFFFF_FFFF)
         assert iommu.read(offset) == 0

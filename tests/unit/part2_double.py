@@ -95,6 +95,18 @@ class FakeIommu:
     def device_context(self, device_id):
         return self.contexts.get(device_id, FakeFault(258, 9, 4, 0, device_id, None, False))
 
+    def message_context(self, request):
+        """Part 1's §3.8 message check, reduced to what the page-request tests need."""
+        mode = self.ddtp & 0xF
+        dc = self.device_context(request.device_id) if mode > 1 else None
+        if mode == 0 or mode == 1 or hasattr(dc, "cause") or not dc.en_pri:
+            cause = 256 if mode == 0 else dc.cause if hasattr(dc, "cause") else 260
+            fault = FakeFault(cause, 9, request.message_code, 0, request.device_id,
+                              request.process_id, False)
+            self.report_fault(fault)
+            return fault
+        return dc
+
     def translate(self, request):
         return self.translate_result
 
@@ -107,4 +119,4 @@ class FakeIommu:
 
 
 def device_context(en_ats=True, en_pri=True, prpr=False):
-    return SimpleNamespace(tc=SimpleNamespace(EN_ATS=en_ats, EN_PRI=en_pri, PRPR=prpr))
+    return SimpleNamespace(en_ats=en_ats, en_pri=en_pri, prpr=prpr)

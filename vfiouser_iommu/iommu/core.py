@@ -42,6 +42,7 @@ from vfiouser_iommu.iommu.faults import (
     build_fault,
     reportable,
 )
+from vfiouser_iommu.iommu.registers import RegisterFile
 from vfiouser_iommu.iommu.request import (
     Access,
     HpmEvent,
@@ -105,6 +106,17 @@ class RiscvIommu:
         self.caches = TranslationCaches(c.ddt_cache_entries, c.pdt_cache_entries,
                                         c.iotlb_entries, c.gtlb_entries, c.msi_cache_entries)
         # ---- part 2 (programming interface) hooks in below this line ----
+        self.regs = RegisterFile(self)
+
+    # -- programming interface (part 2: registers.py) -------------------------------------
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.regs.mmio_read(offset, size)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self.regs.mmio_write(offset, size, value)
+
+    def reset(self) -> None:
+        self.regs.reset()
 
     # -- hooks part 2 replaces -----------------------------------------------------------
     def report_fault(self, fault: Fault) -> None:

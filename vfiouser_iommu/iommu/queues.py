@@ -17,7 +17,7 @@ from vfiouser_iommu.iommu.interrupts import FIP, PIP
 from vfiouser_iommu.iommu.regs_layouts import DDTP, FCTL, FQCSR, PAGE_REQUEST, PQCSR, QB
 from vfiouser_iommu.memory import MemoryAccessError
 
-CAUSE_TRANSACTION_DISALLOWED = 260
+PAGE_REQUEST_MSG_CODE = 0x04
 _DDT_FAILURE_CAUSES = frozenset({256, 257, 258, 259, 268, 272})
 _MODE_OFF, _MODE_BARE = 0, 1
 
@@ -184,30 +184,29 @@ class PageRequestQueue(ProducerQueue):
             self._auto_response(device_id, process_id, prg_index, *refused)
 
     def _context_refusal(self, device_id: int, process_id: int | None):
-        iommu = self.regs.iommu
-        mode = DDTP.get(iommu.ddtp, "iommu_mode")
-        if mode == _MODE_OFF:
-            cause = 256
-        elif mode == _MODE_BARE:
-            cause = CAUSE_TRANSACTION_DISALLOWED
-        else:
-            dc = iommu.device_context(device_id)
-            if hasattr(dc, "cause"):
-                cause = dc.cause
-            elif not (self.regs.dc_flag(dc, "EN_ATS") and self.regs.dc_flag(dc, "EN_PRI")):
-                cause = CAUSE_TRANSACTION_DISALLOWED
-            else:
-                return None
-        self.regs.report_message_fault(cause, device_id, process_id)
-        if cause in _DDT_FAILURE_CAUSES:
-            return PrgResponseCode.RESPONSE_FAILURE, False
-        return PrgResponseCode.INVALID_REQUEST, self._prpr(device_id)
+        """(response code, PRPR) when the directory refuses the request, else None.
+
+        Part 1's `message_context` locates the DC and reports the fault (TTYP 9) for
+        Off/Bare, directory faults and a DC without EN_PRI.
+        """
+        from vfiouser_iommu.iommu.request import Request, RequestKind
+
+        request = Request(device_id, process_id, 0, kind=RequestKind.PCIE_MESSAGE,
+                          message_code=PAGE_REQUEST_MSG_CODE)
+        dc = self.regs.iommu.message_context(request)
+        if hasattr(dc, "cause"):
+            if dc.cause in _DDT_FAILURE_CAUSES:
+                return PrgResponseCode.RESPONSE_FAILURE, False
+            return PrgResponseCode.INVALID_REQUEST, self._prpr(device_id)
+        if not dc.en_ats:
+            return PrgResponseCode.INVALID_REQUEST, bool(dc.prpr)
+        return None
 
     def _prpr(self, device_id: int) -> bool:
         if DDTP.get(self.regs.iommu.ddtp, "iommu_mode") <= _MODE_BARE:
             return False
         dc = self.regs.iommu.device_context(device_id)
-        return not hasattr(dc, "cause") and self.regs.dc_flag(dc, "PRPR")
+        return not hasattr(dc, "cause") and bool(dc.prpr)
 
     def _record(self, device_id, process_id, page_addr, prg_index, read, write, last,
                 privileged, execute) -> bytes:

@@ -40,8 +40,6 @@ MSI_CFG_TBL = 0x300
 _M32 = 0xFFFF_FFFF
 _MODE_OFF, _MODE_BARE, _MODE_1LVL, _MODE_3LVL = 0, 1, 2, 4
 _TTYP_NONE = 0
-_TTYP_PCIE_MESSAGE = 9
-_PAGE_REQUEST_MSG_CODE = 0x04
 
 
 @dataclass(frozen=True)
@@ -302,12 +300,6 @@ class RegisterFile:
             cause=cause, ttyp=_TTYP_NONE, iotval=iotval, iotval2=0, device_id=0,
             process_id=None, privileged=False))
 
-    def report_message_fault(self, cause: int, device_id: int, process_id: int | None) -> None:
-        """A refused PCIe Page Request (§3.2: TTYP 9, iotval = its message code)."""
-        self.iommu.report_fault(self._make_fault(
-            cause=cause, ttyp=_TTYP_PCIE_MESSAGE, iotval=_PAGE_REQUEST_MSG_CODE, iotval2=0,
-            device_id=device_id, process_id=process_id, privileged=False))
-
     def send_prg_response(self, device_id: int, process_id: int | None, prg_index: int,
                           response_code: int) -> None:
         endpoint = self.ats_endpoints.get(device_id)
@@ -318,12 +310,3 @@ class RegisterFile:
         """A PCIe Page Request from an endpoint (see `PageRequestQueue.page_request`)."""
         if self.pq is not None:
             self.pq.page_request(device_id, process_id, **request)
-
-    @staticmethod
-    def dc_flag(dc, name: str) -> bool:
-        """A translation-control flag (EN_ATS, EN_PRI, PRPR...) of part 1's device context."""
-        tc = getattr(dc, "tc", dc)
-        for attr in (name, name.lower()):
-            if hasattr(tc, attr):
-                return bool(getattr(tc, attr))
-        return False

@@ -280,32 +280,13 @@ class DmaView:
         self.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     # -- requests with attributes (PASID, privilege, execute) -------------------------
-    def map_range_as(self, addr: int, length: int, write: bool,
-                     attrs: DmaAttrs) -> list[tuple[int, int]]:
-        """`map_range` for a request carrying `attrs`; identity has nothing to check."""
-        return self.map_range(addr, length, write)
-
+    # A view that checks request attributes (an IOMMU's) overrides these two; the
+    # identity view has nothing to check, and a view that does not override them
+    # serves the request as one without attributes.
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
         """`read` for a request that carries `attrs`."""
-        if length == 0:
-            return b""
-        pieces = self.map_range_as(addr, length, False, attrs)
-        try:
-            return b"".join(self.memory.read(gpa, n) for gpa, n in pieces)
-        except MemoryAccessError as e:
-            raise DmaError(addr, length, False, str(e)) from None
+        return self.read(addr, length)
 
     def write_as(self, addr: int, data: bytes | bytearray | memoryview, attrs: DmaAttrs) -> None:
         """`write` for a request that carries `attrs`."""
-        length = len(data)
-        if length == 0:
-            return
-        pieces = self.map_range_as(addr, length, True, attrs)
-        view = memoryview(data).cast("B")
-        done = 0
-        try:
-            for gpa, n in pieces:
-                self.memory.write(gpa, view[done:done + n])
-                done += n
-        except MemoryAccessError as e:
-            raise DmaError(addr, length, True, str(e)) from None
+        self.write(addr, data)

@@ -288,5 +288,5 @@ def build(options: dict[str, str]) -> IommuTestDev:
     pcie = options.get("pcie", "off")
     if pcie not in ("on", "off"):
         raise ValueError("iommu-testdev: pcie=on|off")
-    return IommuTestDev(msix_vectors=int(options.get("vectors", MSIX_VECTORS), 0),
+    return IommuTestDev(msix_vectors=int(options.get("vectors", str(MSIX_VECTORS)), 0),
                         pcie=pcie == "on")

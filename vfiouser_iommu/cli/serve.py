@@ -1,0 +1,62 @@
+"""`vfiouser-iommu serve`: serve PCI functions over vfio-user until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..endpoints import ENDPOINTS, build_endpoint
+from ..topology import FunctionSpec, check_unique, parse_function
+from ..vfio_user import DmaLayout, Server
+
+log = logging.getLogger(__name__)
+
+HELP = f"""\
+Serve PCI functions to QEMU's vfio-user-pci, one UNIX socket per function
+(SOCKET_DIR/SS.F.sock, mode 0600), all from one process. Start this before QEMU;
+stop it with SIGTERM.
+
+Endpoint kinds: {", ".join(sorted(ENDPOINTS))}.
+Example: vfiouser-iommu serve --socket-dir /tmp/vfu --endpoint iommu-testdev@03.0
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve PCI functions over vfio-user",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--socket-dir", type=Path, required=True, metavar="DIR",
+                   help="folder for the sockets (created if missing)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="KIND@SS.F[,opt=val]",
+                   type=_function_spec, help="an endpoint function on bus 0 (repeatable)")
+    p.add_argument("--dma-layout", choices=[m.value for m in DmaLayout],
+                   default=DmaLayout.QEMU.value,
+                   help="DMA_READ/DMA_WRITE layout the client speaks (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _function_spec(text: str) -> FunctionSpec:
+    try:
+        return parse_function(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.endpoint:
+        print("serve: nothing to serve (give --endpoint)", file=sys.stderr)
+        return 2
+    try:
+        check_unique(args.endpoint)
+        functions = [(build_endpoint(spec.kind, spec.options), spec) for spec in args.endpoint]
+    except ValueError as e:
+        print(f"serve: {e}", file=sys.stderr)
+        return 2
+    args.socket_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(dma_layout=DmaLayout(args.dma_layout))
+    for function, spec in functions:
+        server.add_function(function, spec.socket_path(args.socket_dir))
+        print(f"{spec.kind}@{spec.addr}: {spec.socket_path(args.socket_dir)}", flush=True)
+    server.serve_forever()
+    return 0

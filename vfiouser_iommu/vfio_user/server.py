@@ -65,6 +65,7 @@ class Server:
         self.max_dma_maps = max_dma_maps
         self._soon: deque[Callable[[], None]] = deque()
         self._running = False
+        self._loop_thread: int | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -82,7 +83,7 @@ class Server:
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run `callback` from the loop soon; safe from other threads too."""
         self._soon.append(callback)
-        if threading.current_thread() is not threading.main_thread() or not self._running:
+        if threading.get_ident() != self._loop_thread:
             self._wake()
 
     def _wake(self) -> None:
@@ -99,6 +100,7 @@ class Server:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
         self._running = True
+        self._loop_thread = threading.get_ident()
         try:
             while self._running:
                 self.run_once(None if not self._soon else 0)
@@ -139,6 +141,11 @@ class Server:
             conn, _ = port.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        if port.session is not None and not port.session.closed:
+            # The previous client may have left without our having read its EOF yet.
+            port.session.on_readable()
+            if port.session.closed:
+                self._forget(port, port.session.sock)
         if port.session is not None and not port.session.closed:
             log.warning("%s: second client refused (one client per socket)", port.function.name)
             conn.close()

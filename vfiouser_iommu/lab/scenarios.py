@@ -1,0 +1,448 @@
+"""Reference translation scenarios: one endpoint DMA through a RISC-V IOMMU, driven by qtest.
+
+Models what a driver does to send one iommu-testdev DMA write through a RISC-V IOMMU in
+the four configurations of QEMU's `tests/qtest/iommu-riscv-test.c`: both stages Bare,
+first stage (Sv39) only, G-stage (Sv39x4) only, and nested (spec v1.0.1 §3 device
+directory and device context, §5 translation process, §2 register programming, §7 fault
+queue). Everything is built in guest RAM through a qtest session; nothing here knows
+which IOMMU answers, so the same scenario runs on QEMU's `riscv-iommu-pci` and on ours.
+
+The encodings are written here from the spec, not imported from `vfiouser_iommu.iommu`:
+a scenario that checks our IOMMU must not share its layouts, or a wrong field would be
+wrong on both sides and go unnoticed.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+PAGE_SIZE = 0x1000
+PTE_SIZE = 8
+
+# Register offsets (spec §2 register map).
+CAPABILITIES = 0x000
+FCTL = 0x008
+DDTP = 0x010
+CQB, CQT = 0x018, 0x024
+FQB, FQH, FQT = 0x028, 0x030, 0x034
+CQCSR, FQCSR = 0x048, 0x04C
+
+# capabilities fields (§2.1).
+CAP_SV39 = 1 << 9
+CAP_SV39X4 = 1 << 17
+CAP_MSI_FLAT = 1 << 22
+CAP_IGS_SHIFT, IGS_WSI = 28, 1
+
+# fctl (§2.2), ddtp (§2.3), cqcsr/fqcsr (§2.5).
+FCTL_BE, FCTL_WSI, FCTL_GXL = 1 << 0, 1 << 1, 1 << 2
+DDTP_MODE_MASK, DDTP_BUSY = 0xF, 1 << 4
+IOMMU_MODE_OFF, IOMMU_MODE_BARE = 0, 1
+IOMMU_MODE_LVL = {1: 2, 2: 3, 3: 4}  # 1LVL, 2LVL, 3LVL
+PPN_SHIFT = 10  # ddtp, cqb, fqb, DDTE and PTE all keep their PPN at bit 10
+PPN_MASK = (1 << 44) - 1
+CQEN, FQEN = 1 << 0, 1 << 0
+CQON, FQON = 1 << 16, 1 << 16
+
+# Device context (§3.1): tc.V, and the MODE field shared by iosatp and iohgatp.
+TC_V = 1
+ATP_MODE_SHIFT = 60
+ATP_MODE_SV39 = 8     # iosatp with tc.SXL=0
+ATP_MODE_SV39X4 = 8   # iohgatp with fctl.GXL=0
+
+# PTE bits (Privileged spec, RV64).
+PTE_V, PTE_R, PTE_W, PTE_U, PTE_A, PTE_D = 1, 2, 4, 16, 64, 128
+
+# Queue entry sizes (§2.4); 64 entries keep each queue inside one 4 KiB page.
+CQ_ENTRY, FQ_ENTRY = 16, 32
+QUEUE_LOG2SZ = 6
+
+# iommu-testdev BAR0 (QEMU hw/misc/iommu-testdev.c): 32-bit registers only.
+DMA_TRIGGERING = 0x00
+DMA_GVA_LO, DMA_GVA_HI = 0x04, 0x08
+DMA_LEN, DMA_RESULT, DMA_DBELL, DMA_ATTRS = 0x0C, 0x10, 0x14, 0x18
+DMA_GPA_LO, DMA_GPA_HI = 0x1C, 0x20
+DMA_DBELL_ARM = 1
+DMA_RESULT_BUSY = 0xFFFF_FFFE
+DMA_ERR_TX_FAIL = 0xDEAD_0002
+DMA_ERR_MISMATCH = 0xDEAD_0004
+TESTDEV_PATTERN = 0x1234_5678
+
+# The IOVA of QEMU's test: itself a RAM address, so data that was not moved by
+# translation would be visible there.
+SCENARIO_IOVA = 0x8060_4567
+
+POLL_SECONDS = 2.0
+
+
+class Stages(enum.Enum):
+    """Which translation stages the device context enables (iosatp / iohgatp modes)."""
+
+    BARE = "bare"
+    FIRST_STAGE = "s-stage-only"
+    G_STAGE = "g-stage-only"
+    NESTED = "nested"
+
+    @property
+    def first_stage(self) -> bool:
+        return self in (Stages.FIRST_STAGE, Stages.NESTED)
+
+    @property
+    def g_stage(self) -> bool:
+        return self in (Stages.G_STAGE, Stages.NESTED)
+
+
+class QTestLike(Protocol):
+    """The part of `lab.qtest.QTest` a scenario uses (a unit test may fake it)."""
+
+    def readl(self, addr: int) -> int: ...
+    def readq(self, addr: int) -> int: ...
+    def writel(self, addr: int, value: int) -> None: ...
+    def writeq(self, addr: int, value: int) -> None: ...
+    def memread(self, addr: int, length: int) -> bytes: ...
+    def memset(self, addr: int, length: int, value: int = 0) -> None: ...
+    def clock_step(self, ns: int | None = None) -> int: ...
+
+
+class ScenarioError(Exception):
+    """The IOMMU cannot run the scenario (missing capability, not fresh from reset...)."""
+
+
+@dataclass(frozen=True)
+class ScenarioMemory:
+    """Where the scenario puts its structures in guest RAM.
+
+    `guest_offset` is the nested case's guest: a first-stage table or data page at
+    system address A is the guest-physical address A - guest_offset, and the G-stage
+    maps it back.
+    """
+
+    base: int = 0x8100_0000
+    limit: int = 0x8200_0000
+    guest_offset: int = 0x8000_0000
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    """One fault-queue record (§7)."""
+
+    cause: int
+    pid: int
+    pv: int
+    priv: int
+    ttyp: int
+    did: int
+    iotval: int
+    iotval2: int
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FaultRecord:
+        dw0, _, iotval, iotval2 = (int.from_bytes(raw[i:i + 8], "little") for i in range(0, 32, 8))
+        return cls(cause=dw0 & 0xFFF, pid=(dw0 >> 12) & 0xF_FFFF, pv=(dw0 >> 32) & 1,
+                   priv=(dw0 >> 33) & 1, ttyp=(dw0 >> 34) & 0x3F, did=dw0 >> 40,
+                   iotval=iotval, iotval2=iotval2)
+
+
+@dataclass
+class Tables:
+    """What the builder wrote: addresses are system-physical unless named gpa."""
+
+    ddt_root: int
+    dc_address: int
+    dc: list[int]
+    data_page: int
+    expected_address: int
+    first_stage_pages: list[int] = field(default_factory=list)
+    g_stage_pages: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ScenarioResult:
+    stages: Stages
+    capabilities: int
+    dma_result: int
+    iova: int
+    expected_address: int
+    found: bytes            # at expected_address after the DMA
+    at_iova: bytes          # at the IOVA read as a system address
+    faults: list[FaultRecord]
+    fqcsr: int
+    tables: Tables
+
+    @property
+    def expected_data(self) -> bytes:
+        return pattern(len(self.found))
+
+
+def pattern(length: int) -> bytes:
+    """The bytes iommu-testdev writes: its 32-bit pattern, little-endian, repeated."""
+    word = TESTDEV_PATTERN.to_bytes(4, "little")
+    return (word * (length // 4 + 1))[:length]
+
+
+# -- guest memory ---------------------------------------------------------------------------
+class PageAllocator:
+    """Hands out zeroed, naturally aligned blocks of guest RAM from one window."""
+
+    def __init__(self, mem: QTestLike, base: int, limit: int):
+        self.mem, self.next, self.limit = mem, base, limit
+
+    def take(self, size: int = PAGE_SIZE) -> int:
+        addr = (self.next + size - 1) & ~(size - 1)
+        if addr + size > self.limit:
+            raise ScenarioError("scenario memory window exhausted")
+        self.next = addr + size
+        # Pages are zeroed because an IOMMU reads every entry a walk touches: stale
+        # bytes from an earlier run would be live entries.
+        self.mem.memset(addr, size, 0)
+        return addr
+
+
+def pte(address: int, flags: int) -> int:
+    return (address >> 12) << PPN_SHIFT | flags
+
+
+def atp(mode: int, root: int) -> int:
+    """iosatp / iohgatp: MODE in 63:60, PPN in 43:0 (PSCID/GSCID left 0)."""
+    return mode << ATP_MODE_SHIFT | (root >> 12) & PPN_MASK
+
+
+class PageTable:
+    """A Sv39 first-stage or Sv39x4 G-stage table tree under construction (§5.1).
+
+    `pointer` turns the system address of a page into what the tables store: the
+    identity, except for a nested first stage, whose tables hold guest-physical
+    addresses.
+    """
+
+    def __init__(self, mem: QTestLike, pages: PageAllocator, root_vpn_bits: int,
+                 pointer: Callable[[int], int] = lambda a: a):
+        self.mem, self.pages, self.pointer = mem, pages, pointer
+        self.root_vpn_bits = root_vpn_bits
+        # The Sv39x4 root is 16 KiB (two more index bits) and aligned to its size.
+        self.root = pages.take(PAGE_SIZE << (root_vpn_bits - 9))
+        self.table_pages = [self.root]
+        self._children: dict[tuple[int, int], int] = {}
+
+    def vpn(self, address: int, level: int) -> int:
+        width = self.root_vpn_bits if level == 2 else 9
+        return (address >> (12 + 9 * level)) & ((1 << width) - 1)
+
+    def map_page(self, address: int, target: int, leaf_flags: int) -> None:
+        table = self.root
+        for level in (2, 1):
+            table = self._child(table, self.vpn(address, level))
+        self.mem.writeq(table + PTE_SIZE * self.vpn(address, 0),
+                        pte(self.pointer(target), leaf_flags))
+
+    def _child(self, table: int, index: int) -> int:
+        child = self._children.get((table, index))
+        if child is None:
+            child = self.pages.take()
+            self.table_pages.append(child)
+            self._children[table, index] = child
+            # Non-leaf PTEs carry V only: A, D, U set on a non-leaf are a page fault.
+            self.mem.writeq(table + PTE_SIZE * index, pte(self.pointer(child), PTE_V))
+        return child
+
+
+# -- device directory ----------------------------------------------------------------------
+def ddi_widths(extended_dc: bool) -> tuple[int, int, int]:
+    """Bits of device_id indexing DDT levels 0, 1, 2 (§3, table of DDI slices)."""
+    return (6, 9, 9) if extended_dc else (7, 9, 8)
+
+
+def build_ddt(mem: QTestLike, pages: PageAllocator, device_id: int, levels: int,
+              extended_dc: bool) -> tuple[int, int]:
+    """A 1/2/3-level DDT reaching `device_id`; returns (root, address of its DC)."""
+    widths = ddi_widths(extended_dc)
+    if device_id >> sum(widths[:levels]):
+        raise ScenarioError(f"device_id {device_id:#x} needs more than {levels} DDT level(s)")
+    shifts = (0, widths[0], widths[0] + widths[1])
+    root = table = pages.take()
+    for level in range(levels - 1, 0, -1):
+        ddi = (device_id >> shifts[level]) & ((1 << widths[level]) - 1)
+        child = pages.take()
+        mem.writeq(table + PTE_SIZE * ddi, pte(child, PTE_V))
+        table = child
+    dc_size = 64 if extended_dc else 32
+    return root, table + dc_size * (device_id & ((1 << widths[0]) - 1))
+
+
+def write_device_context(mem: QTestLike, address: int, dc: list[int]) -> None:
+    # tc (which holds V) goes last, so an IOMMU already walking this DDT never sees a
+    # valid context with half-written translation pointers.
+    for index in range(len(dc) - 1, -1, -1):
+        mem.writeq(address + 8 * index, dc[index])
+
+
+# -- the tables of one scenario ------------------------------------------------------------
+def leaf_flags(user: bool) -> int:
+    # Requests without a PASID are U-mode (§5.1): first-stage leaves need U=1, and the
+    # G-stage treats every access as user, so its leaves need U=1 as well.
+    return PTE_V | PTE_R | PTE_W | PTE_A | PTE_D | (PTE_U if user else 0)
+
+
+def build_translation(mem: QTestLike, pages: PageAllocator, device_id: int, stages: Stages,
+                      iova: int, extended_dc: bool, memory: ScenarioMemory = ScenarioMemory(),
+                      ddt_levels: int = 1, user_leaves: bool = True) -> Tables:
+    """Write DDT, device context and page tables sending `iova` of `device_id` to RAM."""
+    ddt_root, dc_address = build_ddt(mem, pages, device_id, ddt_levels, extended_dc)
+    data_page = pages.take()
+    tables = Tables(ddt_root, dc_address, [], data_page,
+                    expected_address=data_page + (iova & (PAGE_SIZE - 1)))
+    iosatp, iohgatp = 0, 0
+    flags = leaf_flags(user_leaves)
+    if stages is Stages.BARE:
+        tables.expected_address = iova
+    if stages is Stages.FIRST_STAGE:
+        first = PageTable(mem, pages, 9)
+        first.map_page(iova, data_page, flags)
+        iosatp, tables.first_stage_pages = atp(ATP_MODE_SV39, first.root), first.table_pages
+    if stages is Stages.G_STAGE:
+        second = PageTable(mem, pages, 11)
+        second.map_page(iova, data_page, flags)
+        iohgatp, tables.g_stage_pages = atp(ATP_MODE_SV39X4, second.root), second.table_pages
+    if stages is Stages.NESTED:
+        iosatp, iohgatp = build_nested(mem, pages, iova, data_page, memory, flags, tables)
+    tables.dc = [TC_V, iohgatp, 0, iosatp] + ([0, 0, 0, 0] if extended_dc else [])
+    write_device_context(mem, dc_address, tables.dc)
+    return tables
+
+
+def build_nested(mem: QTestLike, pages: PageAllocator, iova: int, data_page: int,
+                 memory: ScenarioMemory, flags: int, tables: Tables) -> tuple[int, int]:
+    """First stage in guest-physical terms; the G-stage maps each of its pages back."""
+    def gpa(spa: int) -> int:
+        return spa - memory.guest_offset
+
+    first = PageTable(mem, pages, 9, pointer=gpa)
+    first.map_page(iova, data_page, flags)
+    second = PageTable(mem, pages, 11)
+    # The IOMMU reads first-stage tables through the G-stage (implicit accesses), so
+    # every table page needs a G-stage mapping, not just the data page.
+    for page in [*first.table_pages, data_page]:
+        second.map_page(gpa(page), page, flags)
+    tables.first_stage_pages, tables.g_stage_pages = first.table_pages, second.table_pages
+    return atp(ATP_MODE_SV39, gpa(first.root)), atp(ATP_MODE_SV39X4, second.root)
+
+
+# -- IOMMU registers -----------------------------------------------------------------------
+def poll(qt: QTestLike, read: Callable[[], int], done: Callable[[int], bool], what: str) -> int:
+    """Read until `done`; virtual time advances too, for IOMMUs that act on timers."""
+    deadline = time.monotonic() + POLL_SECONDS
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"{what}: still {value:#x} after {POLL_SECONDS}s")
+        qt.clock_step(100)
+
+
+def check_capabilities(qt: QTestLike, base: int, stages: Stages) -> int:
+    caps = qt.readq(base + CAPABILITIES)
+    if stages.first_stage and not caps & CAP_SV39:
+        raise ScenarioError(f"capabilities {caps:#x} lack Sv39")
+    if stages.g_stage and not caps & CAP_SV39X4:
+        raise ScenarioError(f"capabilities {caps:#x} lack Sv39x4")
+    return caps
+
+
+def require_reset_state(qt: QTestLike, base: int) -> None:
+    # fctl and queue bases may only change while the IOMMU is Off and the queues are
+    # off (§2.2, §2.4); the scenario does not tear down an earlier configuration.
+    mode = qt.readq(base + DDTP) & DDTP_MODE_MASK
+    if mode not in (IOMMU_MODE_OFF, IOMMU_MODE_BARE):
+        raise ScenarioError(f"ddtp.iommu_mode is {mode}: IOMMU not fresh from reset")
+    if qt.readl(base + CQCSR) & CQON or qt.readl(base + FQCSR) & FQON:
+        raise ScenarioError("a queue is already on: IOMMU not fresh from reset")
+
+
+def program_fctl(qt: QTestLike, base: int, caps: int) -> None:
+    """Little-endian structures, 64-bit G-stage encodings, and the supported interrupts."""
+    fctl = qt.readl(base + FCTL)
+    wanted = fctl & ~(FCTL_BE | FCTL_WSI | FCTL_GXL)
+    if (caps >> CAP_IGS_SHIFT) & 3 == IGS_WSI:
+        wanted |= FCTL_WSI
+    if wanted != fctl:
+        qt.writel(base + FCTL, wanted)
+    got = qt.readl(base + FCTL)
+    if got & (FCTL_BE | FCTL_GXL):
+        raise ScenarioError(f"fctl reads {got:#x}: BE or GXL stuck at 1")
+
+
+def enable_queue(qt: QTestLike, base: int, qb: int, index: int, csr: int, on: int,
+                 address: int) -> None:
+    """Point a queue at `address`, zero the software-owned index, set en, wait for on."""
+    qt.writeq(base + qb, (address >> 12) << PPN_SHIFT | (QUEUE_LOG2SZ - 1))
+    qt.writel(base + index, 0)
+    qt.writel(base + csr, 1)  # cqen / fqen
+    poll(qt, lambda: qt.readl(base + csr), lambda v: bool(v & on), f"csr {csr:#x} on")
+
+
+def enable_ddt(qt: QTestLike, base: int, ddt_root: int, levels: int) -> None:
+    ddtp = (ddt_root >> 12) << PPN_SHIFT | IOMMU_MODE_LVL[levels]
+    qt.writeq(base + DDTP, ddtp)
+    value = poll(qt, lambda: qt.readq(base + DDTP), lambda v: not v & DDTP_BUSY, "ddtp.busy")
+    keep = (PPN_MASK << PPN_SHIFT) | DDTP_MODE_MASK
+    if value & keep != ddtp & keep:
+        raise ScenarioError(f"ddtp wrote {ddtp:#x}, reads {value:#x}")
+
+
+def drain_fault_queue(qt: QTestLike, base: int, fq_address: int) -> list[FaultRecord]:
+    """Decode the records between fqh and fqt, then hand them back by moving fqh."""
+    entries = 1 << QUEUE_LOG2SZ
+    head, tail = qt.readl(base + FQH), qt.readl(base + FQT)
+    records = []
+    while head != tail:
+        records.append(FaultRecord.decode(qt.memread(fq_address + FQ_ENTRY * head, FQ_ENTRY)))
+        head = (head + 1) % entries
+    qt.writel(base + FQH, head)
+    return records
+
+
+# -- the endpoint --------------------------------------------------------------------------
+def testdev_dma(qt: QTestLike, bar: int, iova: int, check_address: int, length: int) -> int:
+    """One iommu-testdev DMA write of its pattern to `iova`; returns DMA_RESULT.
+
+    The device reads `check_address` back without translation and reports a mismatch,
+    so the result code is a second, independent check of where the data went.
+    """
+    for reg, value in ((DMA_GVA_LO, iova), (DMA_GVA_HI, iova >> 32),
+                       (DMA_GPA_LO, check_address), (DMA_GPA_HI, check_address >> 32),
+                       (DMA_LEN, length), (DMA_ATTRS, 0), (DMA_DBELL, DMA_DBELL_ARM)):
+        qt.writel(bar + reg, value & 0xFFFF_FFFF)
+    qt.readl(bar + DMA_TRIGGERING)
+    return poll(qt, lambda: qt.readl(bar + DMA_RESULT), lambda v: v != DMA_RESULT_BUSY,
+                "testdev DMA_RESULT")
+
+
+# -- one scenario, end to end --------------------------------------------------------------
+def run_translation_scenario(qt: QTestLike, iommu_base: int, testdev_bar: int,
+                             requester_id: int, stages: Stages, *, iova: int = SCENARIO_IOVA,
+                             length: int = 4, memory: ScenarioMemory = ScenarioMemory(),
+                             ddt_levels: int = 1, user_leaves: bool = True) -> ScenarioResult:
+    """Configure a fresh IOMMU for `stages`, let the testdev DMA to `iova`, report."""
+    caps = check_capabilities(qt, iommu_base, stages)
+    require_reset_state(qt, iommu_base)
+    pages = PageAllocator(qt, memory.base, memory.limit)
+    cq_address, fq_address = pages.take(), pages.take()
+    tables = build_translation(qt, pages, requester_id, stages, iova, bool(caps & CAP_MSI_FLAT),
+                               memory, ddt_levels, user_leaves)
+    program_fctl(qt, iommu_base, caps)
+    enable_queue(qt, iommu_base, CQB, CQT, CQCSR, CQON, cq_address)
+    enable_queue(qt, iommu_base, FQB, FQH, FQCSR, FQON, fq_address)
+    enable_ddt(qt, iommu_base, tables.ddt_root, ddt_levels)
+    qt.memset(tables.expected_address, length, 0)
+    qt.memset(iova, length, 0)
+    code = testdev_dma(qt, testdev_bar, iova, tables.expected_address, length)
+    return ScenarioResult(stages=stages, capabilities=caps, dma_result=code, iova=iova,
+                          expected_address=tables.expected_address,
+                          found=qt.memread(tables.expected_address, length),
+                          at_iova=qt.memread(iova, length),
+                          faults=drain_fault_queue(qt, iommu_base, fq_address),
+                          fqcsr=qt.readl(iommu_base + FQCSR), tables=tables)

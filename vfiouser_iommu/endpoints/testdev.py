@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 VENDOR_ID = 0x1B36  # Red Hat
 DEVICE_ID = 0x0005  # PCI_DEVICE_ID_REDHAT_TEST
-CLASS_OTHERS = 0xFF0000
+CLASS_OTHERS = 0x00FF00  # QEMU: class_id PCI_CLASS_OTHERS (0xff) = base 0x00, subclass 0xff
 BAR0_SIZE = 0x1000
 
 DMA_TRIGGER = 0x00

@@ -19,7 +19,7 @@ def test_whole_config_space_in_one_read(dev):
     assert wire.HEADER_SIZE + len(reply.payload) <= 32 + 256
     config = reply.payload[16:]
     assert struct.unpack_from("<HH", config) == (0x1B36, 0x0005)
-    assert config[0x0B] == 0xFF  # class: other
+    assert config[0x0A:0x0C] == b"\xff\x00"  # class as QEMU's testdev: subclass 0xff, base 0
 
 
 def test_config_write_is_filtered_by_masks(dev):

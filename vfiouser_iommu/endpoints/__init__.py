@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..pci.function import PciFunction
-from . import testdev
+from . import testdev, virtio
 
 ENDPOINTS: dict[str, Callable[[dict[str, str]], PciFunction]] = {
     "iommu-testdev": testdev.build,
+    "virtio-blk": virtio.build_blk,
+    "virtio-rng": virtio.build_rng,
 }
 
 

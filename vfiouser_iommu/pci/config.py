@@ -95,6 +95,9 @@ pcie_cap = Struct(
 )
 
 
+VENDOR_SPECIFIC_CAP_ID = 0x09
+
+
 class CapId(enum.IntEnum):
     PM = 0x01
     PCIE = 0x10
@@ -305,6 +308,26 @@ class ConfigSpace:
         # read request size fields and no-snoop are RW; device status errors RW1C.
         self._set(off + 8, 2, 0x2810, wmask=0x7CFF)
         self._set(off + 10, 2, 0, w1c=0x000F)
+
+    def add_vendor_capability(self, body: bytes) -> int:
+        """Append a vendor-specific capability (ID 0x09, PCI 3.0 appendix H); its offset.
+
+        `body` is the whole capability; its first two bytes (ID, next) are filled in
+        here. Several may be added; all are read-only, part of the power-on image, and
+        must be added before the function is served.
+        """
+        offset = self._next_cap
+        if offset + len(body) > CONFIG_SPACE_SIZE or len(body) < 2:
+            raise ValueError("vendor capability does not fit the config header")
+        last = self.data[CAPABILITIES_POINTER]
+        while last and self.data[last + 1]:
+            last = self.data[last + 1]
+        self.data[offset:offset + len(body)] = bytes([VENDOR_SPECIFIC_CAP_ID, 0]) + body[2:]
+        self.data[last + 1 if last else CAPABILITIES_POINTER] = offset
+        self.data[STATUS] |= STATUS_CAP_LIST
+        self._next_cap = (offset + len(body) + 3) & ~3
+        self._reset_image = bytes(self.data)
+        return offset
 
     # -- access ------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:

@@ -7,6 +7,7 @@ errnos and that the server keeps serving afterwards.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
@@ -53,6 +54,9 @@ class Served:
 
 
 def open_fds() -> set[int]:
+    """This process's open fds, after closing the ones only garbage still holds (so
+    that numbers are not reused between two snapshots)."""
+    gc.collect()
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 

@@ -8,7 +8,7 @@ SPA - GPA distance of the identity-plus-offset G-stage the test sets up).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vfiouser_iommu.iommu import IommuConfig, RiscvIommu
 from vfiouser_iommu.iommu.walk import PagingMode
@@ -31,13 +31,14 @@ def atp(mode: int, ppn: int, tag: int = 0) -> int:
 class Builder:
     mem: GuestMemory
     big_endian: bool = False
-    next_free: int = RAM_BASE + (8 << 20)
     offset: int = 0  # SPA = table address + offset
+    # One allocator shared by every copy made with dataclasses.replace().
+    heap: list = field(default_factory=lambda: [RAM_BASE + (8 << 20)])
 
     def alloc(self, size: int = 4096, align: int = 4096) -> int:
         """Zeroed SPA block; returns its table address."""
-        addr = (self.next_free + align - 1) & ~(align - 1)
-        self.next_free = addr + size
+        addr = (self.heap[0] + align - 1) & ~(align - 1)
+        self.heap[0] = addr + size
         self.mem.write(addr, bytes(size))
         return addr - self.offset
 

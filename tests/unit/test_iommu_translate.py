@@ -411,7 +411,6 @@ def _nested(fs_mode_id=8, fs_mode=SV39, gs_mode_id=8, gs_mode=SV39X4, tc=1):
     groot = b.root(gs_mode)
     _identity_gstage(b, gs_mode, groot)
     gb = replace(b, offset=GPA_OFF)   # first-stage tables are addressed by GPA
-    gb.next_free = b.next_free + (4 << 20)
     fs_root = gb.root(fs_mode)
     b.set_dc(root, 3, DID, 64, tc=tc, ta=3 << 12, fsc=atp(fs_mode_id, fs_root >> 12),
              iohgatp=atp(gs_mode_id, groot >> 12, GSCID))
@@ -457,7 +456,6 @@ def test_nested_pdt_through_g_stage():
     groot = b.root(SV39X4)
     _identity_gstage(b, SV39X4, groot)
     gb = replace(b, offset=GPA_OFF)
-    gb.next_free = b.next_free + (4 << 20)
     pdt = gb.alloc()
     fs_root = gb.root(SV39)
     gb.map(SV39, fs_root, 0x5000, 0x20_0000)

@@ -126,16 +126,17 @@ class Fault:
     privileged: bool
 
     def to_record(self, big_endian: bool = False) -> bytes:
-        """The 32-byte fault-queue record."""
+        """The 32-byte fault-queue record (fields truncated to their widths)."""
         with_did = self.ttyp != Ttyp.NONE
         pv = with_did and self.process_id is not None
         return layouts.fault_record.build({
-            "dw0": {"CAUSE": self.cause, "PID": self.process_id if pv else 0, "PV": pv,
+            "dw0": {"CAUSE": self.cause & 0xFFF,
+                    "PID": self.process_id & 0xFFFFF if pv else 0, "PV": pv,
                     "PRIV": pv and self.privileged, "TTYP": self.ttyp,
-                    "DID": self.device_id if with_did else 0},
+                    "DID": self.device_id & 0xFFFFFF if with_did else 0},
             "dw1": {"custom": 0, "reserved": 0},
-            "iotval": {"iotval": self.iotval},
-            "iotval2": {"iotval2": self.iotval2},
+            "iotval": {"iotval": self.iotval & (1 << 64) - 1},
+            "iotval2": {"iotval2": self.iotval2 & (1 << 64) - 1},
         }, big_endian)
 
     @classmethod

@@ -1,0 +1,231 @@
+"""virtio-blk over a raw image file: IN/OUT/FLUSH/GET_ID, bounds and length checks,
+read-only disks, flush reaching the file, and faulting DMA reported as the spec says."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vfiouser_iommu.endpoints import build_endpoint
+from vfiouser_iommu.endpoints.virtio import VirtioBlk, VirtioPciFunction
+from vfiouser_iommu.endpoints.virtio.blk import (
+    SEG_MAX,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
+from vfiouser_iommu.endpoints.virtio.layouts import VIRTIO_BLK_REQ, virtio_blk_config
+from vfiouser_iommu.endpoints.virtio.pci import DEVICE_CFG, DEVICE_NEEDS_RESET
+from vfiouser_iommu.endpoints.virtio.testing import FakeHost, VirtioPciDriver
+from vfiouser_iommu.memory import DmaError, DmaView
+
+RAM = 0x8000_0000
+HDR = RAM + 0x10000
+STATUS = RAM + 0x10100
+DATA = RAM + 0x20000
+SECTORS = 64
+
+
+class FaultingView(DmaView):
+    """Identity, except that [lo, hi) faults like an IOMMU would."""
+
+    def __init__(self, memory, lo: int, hi: int):
+        super().__init__(memory)
+        self.lo, self.hi = lo, hi
+
+    def map_range(self, addr, length, write):
+        if addr < self.hi and self.lo < addr + length:
+            raise DmaError(addr, length, write, "translation fault")
+        return [(addr, length)]
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * (SECTORS * 2) + b"tail")  # partial sector ignored
+    return path
+
+
+def make(image, *, readonly=False, features=None):
+    fn = VirtioPciFunction(VirtioBlk(image, readonly=readonly))
+    fn.memory.add_region(RAM, bytearray(0x80000))
+    host = FakeHost()
+    fn.attach(host)
+    drv = VirtioPciDriver(fn, fn.memory, RAM)
+    assert drv.negotiate(features)
+    drv.setup_queue(0)
+    drv.driver_ok()
+    return fn, host, drv
+
+
+def request(host, drv, req_type, sector=0, *, out=b"", in_len=0):
+    """Submit one request with its header, data and status; (status, used len)."""
+    drv.mem.write(HDR, VIRTIO_BLK_REQ.pack(req_type, 0, sector))
+    drv.mem.write_u8(STATUS, 0xFF)
+    bufs = [(HDR, 16, False)]
+    if out:
+        drv.mem.write(DATA, out)
+        bufs.append((DATA, len(out), False))
+    if in_len:
+        bufs.append((DATA, in_len, True))
+    bufs.append((STATUS, 1, True))
+    before = drv.used_idx(0)
+    drv.add_chain(0, bufs)
+    drv.notify(0)
+    host.run()
+    if drv.used_idx(0) == before:
+        return None, None
+    _, used_len = drv.used(0)[before]
+    return drv.mem.read_u8(STATUS), used_len
+
+
+def test_config_reports_capacity_in_sectors(image):
+    fn, _, _ = make(image)
+    raw = fn.region_read(0, DEVICE_CFG, virtio_blk_config.sizeof())
+    cfg = virtio_blk_config.parse(raw)
+    assert cfg.capacity == SECTORS
+    assert cfg.blk_size == 512 and cfg.seg_max == SEG_MAX
+
+
+def test_read(image):
+    fn, host, drv = make(image)
+    status, used = request(host, drv, VIRTIO_BLK_T_IN, 2, in_len=1024)
+    assert (status, used) == (VIRTIO_BLK_S_OK, 1025)
+    assert drv.mem.read(DATA, 1024) == image.read_bytes()[1024:2048]
+
+
+def test_write_then_flush_reaches_the_file(image, monkeypatch):
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    fn, host, drv = make(image)
+    payload = os.urandom(1536)
+    assert request(host, drv, VIRTIO_BLK_T_OUT, 5, out=payload) == (VIRTIO_BLK_S_OK, 1)
+    assert synced == []  # FLUSH negotiated: the write stays in the page cache
+    assert request(host, drv, VIRTIO_BLK_T_FLUSH) == (VIRTIO_BLK_S_OK, 1)
+    assert synced == [fn.device.fd]
+    assert image.read_bytes()[5 * 512:8 * 512] == payload
+
+
+def test_without_flush_negotiated_writes_are_write_through(image, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fdatasync", synced.append)
+    fn, host, drv = make(image)
+    assert drv.negotiate(drv.device_features() & ~(1 << VIRTIO_BLK_F_FLUSH))
+    drv.setup_queue(0)
+    drv.driver_ok()
+    assert request(host, drv, VIRTIO_BLK_T_OUT, 0, out=bytes(512)) == (VIRTIO_BLK_S_OK, 1)
+    assert synced == [fn.device.fd]
+
+
+def test_get_id_is_the_image_name(image):
+    fn, host, drv = make(image)
+    assert request(host, drv, VIRTIO_BLK_T_GET_ID, in_len=20) == (VIRTIO_BLK_S_OK, 21)
+    assert drv.mem.read(DATA, 20) == b"disk.img".ljust(20, b"\0")
+
+
+@pytest.mark.parametrize("req_type", [2, 10, 11, 13, 14, 0xFFFFFFFF])
+def test_other_types_are_unsupported(image, req_type):
+    fn, host, drv = make(image)
+    assert request(host, drv, req_type, in_len=512) == (VIRTIO_BLK_S_UNSUPP, 1)
+
+
+@pytest.mark.parametrize("sector, length", [(SECTORS, 512), (SECTORS - 1, 1024),
+                                            (1 << 63, 512), (0, 100)])
+def test_reads_outside_the_disk_or_misaligned_fail(image, sector, length):
+    fn, host, drv = make(image)
+    assert request(host, drv, VIRTIO_BLK_T_IN, sector, in_len=length) == (VIRTIO_BLK_S_IOERR, 1)
+
+
+def test_write_past_the_end_fails_and_leaves_the_file(image):
+    before = image.read_bytes()
+    fn, host, drv = make(image)
+    status, _ = request(host, drv, VIRTIO_BLK_T_OUT, SECTORS - 1, out=bytes(1024))
+    assert status == VIRTIO_BLK_S_IOERR
+    assert image.read_bytes() == before
+
+
+def test_short_header_fails(image):
+    fn, host, drv = make(image)
+    drv.add_chain(0, [(HDR, 8, False), (STATUS, 1, True)])
+    drv.notify(0)
+    host.run()
+    assert drv.mem.read_u8(STATUS) == VIRTIO_BLK_S_IOERR
+
+
+def test_header_split_across_descriptors(image):
+    fn, host, drv = make(image)
+    drv.mem.write(HDR, VIRTIO_BLK_REQ.pack(VIRTIO_BLK_T_IN, 0, 1))
+    drv.add_chain(0, [(HDR, 5, False), (HDR + 5, 11, False), (DATA, 300, True),
+                      (DATA + 300, 213, True)])
+    drv.notify(0)
+    host.run()
+    assert drv.used(0) == [(0, 513)]
+    assert drv.mem.read(DATA + 512, 1) == bytes([VIRTIO_BLK_S_OK])
+    assert drv.mem.read(DATA, 512) == image.read_bytes()[512:1024]
+
+
+def test_read_only_disk(image):
+    before = image.read_bytes()
+    fn, host, drv = make(image, readonly=True)
+    assert drv.device_features() >> VIRTIO_BLK_F_RO & 1
+    assert request(host, drv, VIRTIO_BLK_T_OUT, 0, out=bytes(512))[0] == VIRTIO_BLK_S_IOERR
+    assert request(host, drv, VIRTIO_BLK_T_FLUSH)[0] == VIRTIO_BLK_S_OK
+    assert request(host, drv, VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
+    assert image.read_bytes() == before
+
+
+def test_faulting_data_buffer_gives_ioerr_and_the_device_goes_on(image):
+    fn, host, drv = make(image)
+    fn.set_dma_view(FaultingView(fn.memory, DATA, DATA + 0x1000))
+    assert request(host, drv, VIRTIO_BLK_T_IN, 0, in_len=512) == (VIRTIO_BLK_S_IOERR, 1)
+    assert request(host, drv, VIRTIO_BLK_T_OUT, 0, out=bytes(512))[0] == VIRTIO_BLK_S_IOERR
+    fn.set_dma_view(DmaView(fn.memory))
+    assert request(host, drv, VIRTIO_BLK_T_IN, 0, in_len=512) == (VIRTIO_BLK_S_OK, 513)
+    assert not drv.status & DEVICE_NEEDS_RESET
+
+
+def test_faulting_status_byte_needs_reset(image):
+    fn, host, drv = make(image)
+    drv.write("config_msix_vector", 2, 0)
+    fn.set_dma_view(FaultingView(fn.memory, STATUS, STATUS + 1))
+    status, used = request(host, drv, VIRTIO_BLK_T_FLUSH)
+    assert used is None
+    assert drv.status & DEVICE_NEEDS_RESET
+
+
+def test_faulting_ring_needs_reset_then_reset_recovers(image):
+    fn, host, drv = make(image)
+    fn.set_dma_view(FaultingView(fn.memory, drv.queues[0].used, drv.queues[0].used + 8))
+    request(host, drv, VIRTIO_BLK_T_FLUSH)
+    assert drv.status & DEVICE_NEEDS_RESET
+    fn.set_dma_view(DmaView(fn.memory))
+    assert drv.negotiate()
+    drv.setup_queue(0)
+    drv.driver_ok()
+    assert request(host, drv, VIRTIO_BLK_T_IN, 0, in_len=512) == (VIRTIO_BLK_S_OK, 513)
+
+
+def test_chain_without_status_byte_needs_reset(image):
+    fn, host, drv = make(image)
+    drv.mem.write(HDR, VIRTIO_BLK_REQ.pack(VIRTIO_BLK_T_FLUSH, 0, 0))
+    drv.add_chain(0, [(HDR, 16, False)])
+    drv.notify(0)
+    host.run()
+    assert drv.status & DEVICE_NEEDS_RESET
+
+
+def test_build_from_options(image):
+    fn = build_endpoint("virtio-blk", {"disk": str(image), "readonly": "on"})
+    assert fn.device.readonly and fn.config.read_int(2, 2) == 0x1042
+    for bad in ({}, {"disk": str(image), "readonly": "yes"}, {"disk": str(image), "x": "1"},
+                {"disk": str(image) + ".missing"}):
+        with pytest.raises(ValueError):
+            build_endpoint("virtio-blk", bad)

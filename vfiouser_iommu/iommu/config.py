@@ -80,6 +80,12 @@ class IommuConfig:
     iotlb_entries: int = 4096
     gtlb_entries: int = 1024
     msi_cache_entries: int = 256
+    # How many interrupt vectors icvec may name (msi_cfg_tbl entries), HPM counters.
+    interrupt_vectors: int = 4
+    hpm_counters: int = 31
+    # True when the MSI table is not ours (QEMU emulates the PCI function's MSI-X table
+    # over msi_cfg_tbl): the core then only says which vector fires.
+    msi_table_external: bool = False
 
     _CAP_FIELDS = ("version", "sv32", "sv39", "sv48", "sv57", "svpbmt", "sv32x4", "sv39x4",
                    "sv48x4", "sv57x4", "amo_mrif", "msi_flat", "msi_mrif", "amo_hwad", "ats",

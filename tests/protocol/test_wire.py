@@ -50,14 +50,14 @@ def test_struct_codecs_agree_with_construct(data):
 
 @settings(max_examples=50, deadline=None)
 @given(u64, st.binary(max_size=64))
-def test_qemu_dma_layout_agrees_with_construct(addr, payload):
-    encoded = wire.encode_dma_request(wire.DmaLayout.QEMU, addr, len(payload), payload)
-    assert encoded == wire.vfio_user_dma_rw_qemu.build(dict(addr=addr, count=len(payload),
+def test_packed_dma_layout_agrees_with_construct(addr, payload):
+    encoded = wire.encode_dma_request(wire.DmaLayout.PACKED, addr, len(payload), payload)
+    assert encoded == wire.vfio_user_dma_rw_packed.build(dict(addr=addr, count=len(payload),
                                                             data=payload))
-    # QEMU's sizeof(VFIOUserDMARW) is 32 with the header; data starts at message byte 28.
+    # sizeof(VFIOUserDMARW) is 32 with the header; data starts at message byte 28.
     assert len(encoded) + wire.HEADER_SIZE == 32 + len(payload)
     assert encoded[12:12 + len(payload)] == payload
-    assert wire.decode_dma_payload(wire.DmaLayout.QEMU, encoded) == (addr, len(payload), payload)
+    assert wire.decode_dma_payload(wire.DmaLayout.PACKED, encoded) == (addr, len(payload), payload)
 
 
 @settings(max_examples=50, deadline=None)
@@ -69,9 +69,9 @@ def test_spec_dma_layout_agrees_with_construct(addr, payload):
     assert wire.decode_dma_payload(wire.DmaLayout.SPEC, encoded) == (addr, len(payload), payload)
 
 
-def test_qemu_dma_read_request_is_32_bytes_with_header():
-    encoded = wire.encode_dma_request(wire.DmaLayout.QEMU, 0x1000, 8)
-    assert encoded == wire.vfio_user_dma_read_qemu.build(dict(addr=0x1000, count=8))
+def test_packed_dma_read_request_is_32_bytes_with_header():
+    encoded = wire.encode_dma_request(wire.DmaLayout.PACKED, 0x1000, 8)
+    assert encoded == wire.vfio_user_dma_read_packed.build(dict(addr=0x1000, count=8))
     assert wire.HEADER_SIZE + len(encoded) == 32
 
 

@@ -176,3 +176,53 @@ def _wait_for_word(qt: QTest, addr: int, timeout: float = 5.0) -> int:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.01)
+
+
+def test_dma_without_shared_ram_goes_through_dma_write_messages(lab, tmp_path):
+    """Anonymous guest RAM gives DMA_MAPs without fds: the device's write must reach
+    guest memory as DMA_WRITE messages that QEMU 11.1 accepts (protocol layout). The
+    physical read-back cannot be synchronous, so the result is 0xdead0003 by design."""
+    proc, args = serve_testdev(tmp_path)
+    try:
+        with QTest(args, memory="256M", lab=lab) as qt:
+            machine = boot(qt, "ours")
+            qt.memwrite(DMA_BUF, b"\xee" * 24)
+            machine.arm_dma(DMA_BUF, DMA_BUF, 16)
+            assert machine.run_dma() == testdev.ERR_RD_FAIL
+            deadline = time.monotonic() + 5
+            while qt.memread(DMA_BUF, 4) == b"\xee" * 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert qt.memread(DMA_BUF, 24) == testdev.pattern(16) + b"\xee" * 8
+    finally:
+        stop_server(proc)
+
+
+def test_dma_read_message_is_answered_by_qemu(lab, tmp_path):
+    """A DMA_READ request of ours, answered by QEMU in the protocol layout."""
+    import threading
+
+    from vfiouser_iommu.endpoints.testdev import IommuTestDev
+    from vfiouser_iommu.vfio_user import Server
+
+    server = Server()
+    port = server.add_function(IommuTestDev(), tmp_path / f"{ADDR}.sock")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"handle_signals": False},
+                              daemon=True)
+    thread.start()
+    got: list[tuple[int, bytes]] = []
+    try:
+        args = topology.vfio_user_device_args(tmp_path, [topology.parse_function(
+            f"iommu-testdev@{ADDR}")])
+        with QTest(args, memory="256M", lab=lab) as qt:
+            machine = boot(qt, "ours")
+            qt.memwrite(DMA_BUF, b"0123456789abcdef")
+            server.call_soon(lambda: port.session.dma_read(
+                DMA_BUF + 4, 8, lambda error, data: got.append((error, data))))
+            deadline = time.monotonic() + 5
+            while not got and time.monotonic() < deadline:
+                machine.readl(testdev.DMA_RESULT)   # lets QEMU's main loop run
+                time.sleep(0.01)
+    finally:
+        server.stop()
+        thread.join(5)
+    assert got == [(0, b"456789ab")]

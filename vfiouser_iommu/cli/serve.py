@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", action="append", default=[], metavar="KIND@SS.F[,opt=val]",
                    type=_function_spec, help="an endpoint function on bus 0 (repeatable)")
     p.add_argument("--dma-layout", choices=[m.value for m in DmaLayout],
-                   default=DmaLayout.QEMU.value,
+                   default=DmaLayout.SPEC.value,
                    help="DMA_READ/DMA_WRITE layout the client speaks (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 

@@ -49,7 +49,7 @@ class Client:
     """One connection to one function's socket."""
 
     def __init__(self, path: str | os.PathLike, *, memory: GuestMemory | None = None,
-                 dma_layout: DmaLayout = DmaLayout.QEMU, timeout: float = 5.0) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC, timeout: float = 5.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(os.fspath(path))
@@ -236,7 +236,7 @@ def _decode_request(layout: DmaLayout, msg: Message) -> tuple[int, int, bytes]:
     if msg.cmd == Command.DMA_WRITE:
         return wire.decode_dma_payload(layout, msg.payload)
     if msg.cmd == Command.DMA_READ:
-        codec = wire.DMA_RW_QEMU if layout is DmaLayout.QEMU else wire.DMA_RW_SPEC
+        codec = wire.DMA_RW_PACKED if layout is DmaLayout.PACKED else wire.DMA_RW_SPEC
         if len(msg.payload) < codec.size:
             raise ValueError("short DMA_READ")
         addr, count = codec.unpack_from(msg.payload)

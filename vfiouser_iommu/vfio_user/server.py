@@ -57,7 +57,7 @@ class FunctionPort:
 class Server:
     """Serves PCI functions over vfio-user until stopped."""
 
-    def __init__(self, *, dma_layout: DmaLayout = DmaLayout.QEMU,
+    def __init__(self, *, dma_layout: DmaLayout = DmaLayout.SPEC,
                  max_dma_maps: int = 65535) -> None:
         self.selector = selectors.DefaultSelector()
         self.ports: dict[Path, FunctionPort] = {}

@@ -74,7 +74,7 @@ class Session:
     def __init__(self, sock: socket.socket, function: PciFunction, *,
                  call_soon: Callable[[Callable[[], None]], None],
                  want_write: Callable[[Session, bool], None],
-                 dma_layout: DmaLayout = DmaLayout.QEMU,
+                 dma_layout: DmaLayout = DmaLayout.SPEC,
                  max_dma_maps: int = 65535) -> None:
         self.sock = sock
         self.function = function

@@ -7,9 +7,10 @@ padding. The `construct` definitions below are the reference; the `struct` codec
 end are the hot path for the header and region accesses, and
 `tests/protocol/test_wire.py` proves the two agree.
 
-QEMU's DMA_READ/DMA_WRITE layout differs from the protocol document (`count` is a u32
-and data starts 12 bytes into the payload); both are described here and the server
-picks one (`DMA_LAYOUTS`).
+DMA_READ/DMA_WRITE exist in two layouts: the protocol document's (u64 count, data at
+payload + 16), which QEMU 11.1.3 was verified live to speak (docs/vfio-user.md), and the
+packed one of the `VFIOUserDMARW` struct in QEMU's vfio-user patch series (u32 count,
+data at payload + 12). The server speaks the first by default (`DmaLayout`).
 """
 
 from __future__ import annotations
@@ -213,17 +214,18 @@ vfio_user_dma_rw_spec = Struct(
     "data" / GreedyBytes,
 )
 
-# QEMU's VFIOUserDMARW: u32 count, data at payload + 12; sizeof is 32 with the header,
-# and QEMU checks "count <= size - 32", so a message carries 4 tail bytes after data.
+# The packed VFIOUserDMARW of QEMU's patch series: u32 count, data at payload + 12;
+# sizeof is 32 with the header and that code checks "count <= size - 32", so a message
+# carries 4 tail bytes after data. QEMU 11.1.3 does NOT speak it (it answers E2BIG).
 # Used for DMA_WRITE requests and DMA_READ replies (data present) ...
-vfio_user_dma_rw_qemu = Struct(
+vfio_user_dma_rw_packed = Struct(
     "addr" / Int64ul,
     "count" / Int32ul,
     "data" / Bytes(this.count),
     Padding(4),
 )
 # ... and for DMA_READ requests (no data yet).
-vfio_user_dma_read_qemu = Struct(
+vfio_user_dma_read_packed = Struct(
     "addr" / Int64ul,
     "count" / Int32ul,
     Padding(4),
@@ -241,20 +243,20 @@ IRQ_INFO = struct.Struct("<IIII")
 IRQ_SET = struct.Struct("<IIIII")
 VERSION = struct.Struct("<HH")
 DMA_RW_SPEC = struct.Struct("<QQ")
-DMA_RW_QEMU = struct.Struct("<QI")
+DMA_RW_PACKED = struct.Struct("<QI")
 
 
 class DmaLayout(enum.Enum):
-    """Which DMA_READ/DMA_WRITE layout the peer speaks."""
+    """Which DMA_READ/DMA_WRITE layout the peer speaks (QEMU 11.1.3: SPEC)."""
 
-    QEMU = "qemu"
+    PACKED = "packed"
     SPEC = "spec"
 
 
 def encode_dma_request(layout: DmaLayout, addr: int, count: int, data: bytes = b"") -> bytes:
     """Payload of a DMA_READ (`data` empty) or DMA_WRITE request in `layout`."""
-    if layout is DmaLayout.QEMU:
-        return DMA_RW_QEMU.pack(addr, count) + data + bytes(4)
+    if layout is DmaLayout.PACKED:
+        return DMA_RW_PACKED.pack(addr, count) + data + bytes(4)
     return DMA_RW_SPEC.pack(addr, count) + data
 
 
@@ -263,7 +265,7 @@ def decode_dma_payload(layout: DmaLayout, payload: bytes | memoryview) -> tuple[
 
     Raises ValueError when the payload is too short for its header or its count.
     """
-    codec = DMA_RW_QEMU if layout is DmaLayout.QEMU else DMA_RW_SPEC
+    codec = DMA_RW_PACKED if layout is DmaLayout.PACKED else DMA_RW_SPEC
     if len(payload) < codec.size:
         raise ValueError("DMA payload shorter than its header")
     addr, count = codec.unpack_from(payload)

@@ -178,6 +178,13 @@ def test_status_zero_resets_everything(rig):
     assert fn.queues[0].last_avail_idx == 0
 
 
+def test_client_disconnect_resets_the_device(rig):
+    fn, _, drv = rig
+    ready(drv)
+    fn.disconnected()
+    assert drv.status == 0 and drv.read("queue_enable", 2) == 0
+
+
 def test_no_buffers_consumed_before_driver_ok(rig):
     _, host, drv = rig
     drv.negotiate()

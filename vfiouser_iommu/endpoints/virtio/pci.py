@@ -142,6 +142,10 @@ class VirtioPciFunction(PciFunction):
             self.set_intx(False)
         self.device.reset()
 
+    def on_disconnect(self) -> None:
+        """The client left with its mappings: a reconnecting driver starts from reset."""
+        self.on_reset()
+
     @property
     def device_features(self) -> int:
         return TRANSPORT_FEATURES | self.device.device_features()

@@ -55,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
                    help="stop the guest after this long (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="do not stream the console")
+    p.add_argument("--workdir", type=Path, metavar="DIR",
+                   help="keep the sockets, scratch disk, DTB and server log here "
+                        "(default: a temporary folder)")
+    p.add_argument("--server-log", action="store_true",
+                   help="print our server's log after the guest stops")
     p.set_defaults(func=cmd_boot)
 
     p = cmds.add_parser("qemu-args", help="print QEMU arguments for vfio-user functions",
@@ -106,15 +111,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    from vfiouser_iommu.lab.boot import boot_reference, default_script
+    from vfiouser_iommu.lab.boot import boot_ours, boot_reference, default_script
 
     lab = _lab_or_exit()
     script = args.script.read_text() if args.script else default_script()
-    if not args.reference:
-        print("vfiouser-iommu: booting on our own IOMMU is not available yet; "
-              "use --reference for QEMU's built-in riscv-iommu-pci", file=sys.stderr)
-        return 2
-    run = boot_reference(lab, script, args.timeout, echo=None if args.quiet else sys.stdout)
+    echo = None if args.quiet else sys.stdout
+    if args.reference:
+        run = boot_reference(lab, script, args.timeout, echo=echo)
+    else:
+        run = boot_ours(lab, script, args.timeout, echo=echo, workdir=args.workdir)
+        if args.server_log:
+            print(run.server_log, end="")
     status = "PASS" if run.verdict.passed else "FAIL"
     extra = " (timed out)" if run.timed_out else ""
     boot = f", init after {run.init_seconds:.1f}s" if run.init_seconds else ""

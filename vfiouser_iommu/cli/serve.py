@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..endpoints import ENDPOINTS, build_endpoint
-from ..topology import FunctionSpec, check_unique, parse_function
+from ..iommu_pci import build_iommu_function
+from ..topology import IOMMU_KIND, FunctionSpec, check_unique, parse_function
 from ..vfio_user import DmaLayout, Server
 
 log = logging.getLogger(__name__)
@@ -18,8 +19,14 @@ Serve PCI functions to QEMU's vfio-user-pci, one UNIX socket per function
 (SOCKET_DIR/SS.F.sock, mode 0600), all from one process. Start this before QEMU;
 stop it with SIGTERM.
 
+With --iommu SS.F the RISC-V IOMMU is served too (1b36:0014, the function Linux's
+riscv-iommu driver binds to), and every endpoint's DMA is translated by it for the
+endpoint's requester ID (bus 0, so its devfn). IOMMU options after the address:
+caps=0xVALUE (the capabilities register; default: everything we implement).
+
 Endpoint kinds: {", ".join(sorted(ENDPOINTS))}.
-Example: vfiouser-iommu serve --socket-dir /tmp/vfu --endpoint iommu-testdev@03.0
+Example: vfiouser-iommu serve --socket-dir /tmp/vfu --iommu 01.0 \\
+             --endpoint iommu-testdev@02.0 --endpoint virtio-blk@03.0,disk=disk.img
 """
 
 
@@ -30,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder for the sockets (created if missing)")
     p.add_argument("--endpoint", action="append", default=[], metavar="KIND@SS.F[,opt=val]",
                    type=_function_spec, help="an endpoint function on bus 0 (repeatable)")
+    p.add_argument("--iommu", metavar="SS.F[,caps=0xVALUE]", type=_iommu_spec,
+                   help="serve the RISC-V IOMMU at SS.F, translating every endpoint's DMA")
     p.add_argument("--dma-layout", choices=[m.value for m in DmaLayout],
                    default=DmaLayout.SPEC.value,
                    help="DMA_READ/DMA_WRITE layout the client speaks (default: %(default)s)")
@@ -43,13 +52,26 @@ def _function_spec(text: str) -> FunctionSpec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _iommu_spec(text: str) -> FunctionSpec:
+    try:
+        return parse_function(f"{IOMMU_KIND}@{text}")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    if not args.endpoint:
-        print("serve: nothing to serve (give --endpoint)", file=sys.stderr)
+    if not args.endpoint and args.iommu is None:
+        print("serve: nothing to serve (give --endpoint or --iommu)", file=sys.stderr)
         return 2
     try:
-        check_unique(args.endpoint)
+        specs = ([args.iommu] if args.iommu else []) + args.endpoint
+        check_unique(specs)
         functions = [(build_endpoint(spec.kind, spec.options), spec) for spec in args.endpoint]
+        if args.iommu is not None:
+            iommu = build_iommu_function(args.iommu.options)
+            for function, spec in functions:
+                function.set_dma_view(iommu.iommu.dma_view(spec.requester_id))
+            functions.insert(0, (iommu, args.iommu))
     except ValueError as e:
         print(f"serve: {e}", file=sys.stderr)
         return 2

@@ -60,6 +60,7 @@ class GuestRun:
     timed_out: bool = False
     returncode: int | None = None
     init_seconds: float | None = None  # from QEMU start to the guest's init running
+    server_log: str = ""               # our server's log, when our stack was booted
 
 
 def run_guest(argv: list[str], timeout: float, echo: TextIO | None = sys.stdout,
@@ -173,3 +174,27 @@ def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = 
         disk = make_scratch_disk(Path(tmp) / "disk.img", disk_size)
         argv = (machine_args(lab) + kernel_args(lab, initrd) + reference_args(lab, disk))
         return run_guest(argv, timeout, echo)
+
+
+def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
+              topology=None, workdir: Path | None = None, memory: str = DEFAULT_MEMORY,
+              verbose: int = 1) -> GuestRun:
+    """Boot a guest on our IOMMU (a `vfiouser-iommu serve` child) with its endpoints.
+
+    `workdir` keeps the sockets, the scratch disk, the DTB and the server log; a
+    temporary folder is used (and removed) when it is None.
+    """
+    from vfiouser_iommu.lab.stack import OurStack
+
+    with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        stack = OurStack(lab, work, topology, memory=memory, verbose=verbose)
+        machine = machine_args(lab, memory=memory)
+        dtb = stack.write_dtb(machine)
+        initrd = guest_initramfs(lab, script).write(work / "initrd.gz")
+        with stack:
+            argv = machine + kernel_args(lab, initrd) + stack.qemu_args() + ["-dtb", str(dtb)]
+            run = run_guest(argv, timeout, echo)
+        run.server_log = stack.server_log()
+        return run

@@ -1,0 +1,129 @@
+"""Our stack in the lab: a `vfiouser-iommu serve` process and the QEMU that attaches it.
+
+The server runs as a child process (as a user would run it), one socket per function
+in a scratch folder; QEMU gets shared memfd RAM, one `vfio-user-pci` per function at
+its address, and a DTB that describes our IOMMU to Linux (`dtb.py`): QEMU only writes
+the `riscv,pci-iommu` node for its own riscv-iommu-pci.
+
+Default topology: IOMMU at 01.0, iommu-testdev at 02.0, virtio-blk at 03.0 (a scratch
+image), virtio-rng at 04.0.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vfiouser_iommu.lab.dtb import add_pci_iommu, dump_dtb
+from vfiouser_iommu.lab.paths import Lab
+from vfiouser_iommu.topology import parse_address, parse_functions, qemu_vfio_user_args
+
+
+class StackError(Exception):
+    pass
+
+
+@dataclass
+class Topology:
+    iommu: str = "01.0"
+    iommu_options: str = ""          # e.g. "caps=0x..." or named flags, as `serve` takes
+    endpoints: list[str] = field(default_factory=lambda: [
+        "iommu-testdev@02.0", "virtio-blk@03.0,disk={disk}", "virtio-rng@04.0"])
+
+    def endpoint_specs(self, disk: Path) -> list[str]:
+        return [e.replace("{disk}", str(disk)) for e in self.endpoints]
+
+    def iommu_spec(self) -> str:
+        return self.iommu + (f",{self.iommu_options}" if self.iommu_options else "")
+
+
+class OurStack:
+    """Start with `with OurStack(lab, workdir) as stack:`; `stack.qemu_args()` attaches it."""
+
+    def __init__(self, lab: Lab, workdir: Path, topology: Topology | None = None,
+                 memory: str = "1G", verbose: int = 1):
+        self.lab = lab
+        self.workdir = Path(workdir)
+        self.topology = topology or Topology()
+        self.memory = memory
+        self.verbose = verbose
+        self.socket_dir = self.workdir / "sockets"
+        self.disk = self.workdir / "disk.img"
+        self.log_path = self.workdir / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.functions = parse_functions(self.topology.iommu,
+                                         self.topology.endpoint_specs(self.disk))
+
+    def server_argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "vfiouser_iommu", *(["-v"] * self.verbose), "serve",
+                "--socket-dir", str(self.socket_dir), "--iommu", self.topology.iommu_spec()]
+        for spec in self.topology.endpoint_specs(self.disk):
+            argv += ["--endpoint", spec]
+        return argv
+
+    def start(self, timeout: float = 30.0) -> OurStack:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        if not self.disk.exists():
+            with open(self.disk, "wb") as f:
+                f.truncate(64 << 20)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.server_argv(), stdout=subprocess.PIPE, stderr=log,
+                                     text=True, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        for _ in self.functions:
+            left = deadline - time.monotonic()
+            ready = select.select([self.proc.stdout], [], [], max(0.0, left))[0]
+            if not ready or not self.proc.stdout.readline():
+                self.stop()
+                raise StackError("vfiouser-iommu serve did not start: "
+                                 + self.server_log()[-800:])
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM the server (it closes its sessions and removes its sockets)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc.stdout.close()
+        code, self.proc = self.proc.returncode, None
+        return code
+
+    def __enter__(self) -> OurStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def server_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def iommu_bdf(self) -> int:
+        slot, fn = parse_address(self.topology.iommu)
+        return slot << 3 | fn
+
+    def write_dtb(self, machine_argv: list[str]) -> Path:
+        """The machine's DTB with a riscv,pci-iommu node for our IOMMU and an iommu-map
+        covering exactly our endpoints' requester IDs."""
+        endpoints = [f.requester_id for f in self.functions if f.devfn != self.iommu_bdf]
+        dtb = add_pci_iommu(dump_dtb(machine_argv), self.iommu_bdf, endpoints)
+        path = self.workdir / "virt.dtb"
+        path.write_bytes(dtb)
+        return path
+
+    def qemu_args(self) -> list[str]:
+        """Shared RAM and one vfio-user-pci per function (add after the machine args)."""
+        return qemu_vfio_user_args(self.socket_dir, self.functions, self.memory)

@@ -271,6 +271,7 @@ class Session:
     def _dma_unmap(self, body: bytes, fds: list[int]) -> bytes:
         argsz, flags, addr, size = _unpack_arg(wire.DMA_UNMAP, body, "DMA_UNMAP")
         _no_fds(fds, "DMA_UNMAP")
+        log.debug("%s: DMA_UNMAP %#x+%#x flags %#x", self.name, addr, size, flags)
         if flags == wire.DMA_UNMAP_ALL:
             if addr or size:
                 raise ProtocolError(errno.EINVAL, "UNMAP_ALL with an address")

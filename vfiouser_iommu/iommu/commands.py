@@ -17,6 +17,7 @@ it is executed (DMA is translated synchronously), so IOFENCE.C's PR/PW need no w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from enum import Enum
 from typing import Protocol
@@ -36,6 +37,8 @@ from vfiouser_iommu.iommu.regs_layouts import (
 )
 from vfiouser_iommu.memory import MemoryAccessError
 
+log = logging.getLogger(__name__)
+
 ATS_INVAL_PAYLOAD = LAYOUTS["ats_inval_payload"]
 PRGR_PAYLOAD = LAYOUTS["prgr_payload"]
 
@@ -44,6 +47,26 @@ CQMF, CMD_TO, CMD_ILL, FENCE_W_IP = (CQCSR.mask(n) for n in
                                      ("cqmf", "cmd_to", "cmd_ill", "fence_w_ip"))
 _ERRORS = CQMF | CMD_TO | CMD_ILL
 _PAGE = 4096
+
+
+# (opcode, func3) -> (name, layout whose fields describe it), for the command trace.
+COMMAND_NAMES = {
+    (1, 0): ("IOTINVAL.VMA", CMD_IOTINVAL), (1, 1): ("IOTINVAL.GVMA", CMD_IOTINVAL),
+    (2, 0): ("IOFENCE.C", CMD_IOFENCE), (3, 0): ("IODIR.INVAL_DDT", CMD_IODIR),
+    (3, 1): ("IODIR.INVAL_PDT", CMD_IODIR), (4, 0): ("ATS.INVAL", CMD_ATS),
+    (4, 1): ("ATS.PRGR", CMD_ATS),
+}
+
+
+def describe_command(command: int) -> str:
+    """`IOTINVAL.VMA GV=0 AV=1 ...`: a command's name and its non-zero fields."""
+    key = (COMMAND.get(command, "opcode"), COMMAND.get(command, "func3"))
+    if key not in COMMAND_NAMES:
+        return f"opcode={key[0]} func3={key[1]} raw={command:#034x}"
+    name, layout = COMMAND_NAMES[key]
+    fields = " ".join(f"{k}={v:#x}" for k, v in layout.decode(command).items()
+                      if v and k not in ("opcode", "func3"))
+    return f"{name} {fields}".rstrip()
 
 
 class AtsEndpoint(Protocol):
@@ -135,8 +158,13 @@ class CommandQueue(QueueRegs):
         done = 0
         while done < budget and self.work_pending():
             command = self._fetch()
-            if command is None or self._execute(command) is Outcome.STALL:
+            if command is None:
                 break
+            if self._execute(command) is Outcome.STALL:
+                log.warning("cq[%d] %s stalled the queue (cqcsr %#x)", self.head,
+                            describe_command(command), self.csr)
+                break
+            log.info("cq[%d] %s: done", self.head, describe_command(command))
             self.head = (self.head + 1) & self.index_mask
             done += 1
         return done

@@ -72,8 +72,12 @@ def run_guest(argv: list[str], timeout: float, echo: TextIO | None = sys.stdout,
     lines: list[str] = []
     run = GuestRun(Verdict([], None))
     try:
-        _pump(proc, started + timeout, lines, echo, on_line, run, started)
-        run.timed_out = proc.poll() is None
+        run.timed_out = not _pump(proc, started + timeout, lines, echo, on_line, run, started)
+        if not run.timed_out:
+            try:
+                proc.wait(timeout=5)  # its console closed: QEMU is on its way out
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         stop_process(proc)
     run.console = lines
@@ -84,7 +88,8 @@ def run_guest(argv: list[str], timeout: float, echo: TextIO | None = sys.stdout,
 
 
 def _pump(proc: subprocess.Popen, deadline: float, lines: list[str], echo: TextIO | None,
-          on_line: Callable[[str], None] | None, run: GuestRun, started: float) -> None:
+          on_line: Callable[[str], None] | None, run: GuestRun, started: float) -> bool:
+    """Copy the console until QEMU closes it (True) or the deadline passes (False)."""
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -93,11 +98,11 @@ def _pump(proc: subprocess.Popen, deadline: float, lines: list[str], echo: TextI
         while time.monotonic() < deadline:
             if not sel.select(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
                 if proc.poll() is not None:
-                    break
+                    return True
                 continue
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
-                break
+                return True
             pending += chunk
             *complete, pending = pending.split(b"\n")
             for raw in complete:
@@ -110,9 +115,10 @@ def _pump(proc: subprocess.Popen, deadline: float, lines: list[str], echo: TextI
                     echo.flush()
                 if on_line is not None:
                     on_line(line)
+        return False
+    finally:
         if pending:
             lines.append(pending.decode("utf-8", "replace"))
-    finally:
         sel.close()
 
 

@@ -74,16 +74,20 @@ class OurStack:
                 f.truncate(64 << 20)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.server_argv(), stdout=subprocess.PIPE, stderr=log,
-                                     text=True, start_new_session=True)
+                                     start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout
-        for _ in self.functions:
+        # serve prints one line per function once its socket listens. Raw reads: a
+        # buffered readline could swallow several lines that select() then never reports.
+        deadline, seen = time.monotonic() + timeout, b""
+        while seen.count(b"\n") < len(self.functions):
             left = deadline - time.monotonic()
-            ready = select.select([self.proc.stdout], [], [], max(0.0, left))[0]
-            if not ready or not self.proc.stdout.readline():
+            ready = left > 0 and select.select([self.proc.stdout], [], [], left)[0]
+            chunk = os.read(self.proc.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
                 self.stop()
                 raise StackError("vfiouser-iommu serve did not start: "
                                  + self.server_log()[-800:])
+            seen += chunk
         return self
 
     def stop(self) -> int | None:

@@ -206,6 +206,49 @@ vfio_user_write_multi_entry = Struct(
     "data" / Bytes(8),
 )
 
+vfio_region_info_cap_sparse_mmap = Struct(
+    "header" / vfio_info_cap_header,  # id 1, version 1
+    "nr_areas" / Int32ul,
+    "reserved" / Int32ul,
+    "areas" / Struct("offset" / Int64ul, "size" / Int64ul)[this.nr_areas],
+)
+
+vfio_region_info_cap_type = Struct(
+    "header" / vfio_info_cap_header,  # id 2, version 1
+    "type" / Int32ul,
+    "subtype" / Int32ul,
+)
+
+vfio_user_region_io_fds_request = Struct(
+    "argsz" / Int32ul,
+    "flags" / Int32ul,
+    "index" / Int32ul,
+    "count" / Int32ul,
+)
+
+vfio_user_bitmap = Struct(
+    "pgsize" / Int64ul,
+    "size" / Int64ul,
+    "data" / Bytes(this.size),
+)
+
+vfio_user_write_multi = Struct(
+    "wr_cnt" / Int64ul,
+    "wrs" / vfio_user_write_multi_entry[this.wr_cnt],
+)
+
+vfio_user_device_feature = Struct(
+    "argsz" / Int32ul,
+    "flags" / Int32ul,  # bits 0-15 feature, bit 16 GET, 17 SET, 18 PROBE
+    "data" / GreedyBytes,
+)
+
+vfio_user_mig_data = Struct(
+    "argsz" / Int32ul,
+    "size" / Int32ul,
+    "data" / GreedyBytes,
+)
+
 # The protocol document's DMA_READ/DMA_WRITE: u64 count, data at payload + 16. `data`
 # is empty in a DMA_READ request and in a DMA_WRITE reply.
 vfio_user_dma_rw_spec = Struct(

@@ -6,6 +6,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 from conftest import RAM_BASE, open_fds
 
@@ -94,3 +95,37 @@ def test_sigterm_stops_serve_and_removes_the_sockets(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not list(tmp_path.glob("*.sock"))
+
+
+def test_client_that_does_not_read_its_replies_blocks_nobody(served):
+    """Replies queue up in the server (never a blocking send) up to a bound, after which
+    it stops reading that client's requests; the other function is served meanwhile,
+    and the slow client gets every reply, in order, once it reads."""
+    import threading
+
+    from vfiouser_iommu.vfio_user import wire
+    from vfiouser_iommu.vfio_user.session import OUT_BACKLOG
+
+    s = served({"a": IommuTestDev(), "b": IommuTestDev()})
+    slow, other = s.connect("a", timeout=30), s.connect("b")
+    slow.negotiate()
+    other.negotiate()
+    request = wire.REGION_ACCESS.pack(0, 0, 0x1000)
+    n = 4 * OUT_BACKLOG // 0x1000  # far more replies than the bound and the socket hold
+
+    def send_all():
+        for i in range(n):
+            slow.send(wire.Command.REGION_READ, request, msg_id=i & 0xFFFF)
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    session = s.server.ports[s.paths["a"]].session
+    deadline = time.monotonic() + 10
+    while not session.backlogged and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.backlogged
+    assert other.readl(0, testdev.DMA_RESULT) == testdev.RESULT_IDLE
+    for i in range(n):
+        reply = slow.wait_reply(i & 0xFFFF)
+        assert len(reply.payload) == 16 + 0x1000
+    sender.join(10)

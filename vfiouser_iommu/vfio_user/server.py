@@ -170,7 +170,9 @@ class Server:
             self._forget(port, key.fileobj)
 
     def _want_write(self, session: Session, on: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        """Watch for writability while output is queued; stop reading a backlogged one."""
+        events = selectors.EVENT_READ if not session.backlogged else 0
+        events |= selectors.EVENT_WRITE if on else 0
         try:
             key = self.selector.get_key(session.sock)
         except (KeyError, ValueError):

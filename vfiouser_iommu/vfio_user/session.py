@@ -51,6 +51,9 @@ MAX_MSG_SIZE = HEADER_SIZE + wire.REGION_ACCESS.size + MAX_DATA_XFER_SIZE
 RECV_MAX_FDS = 16
 # Messages handled per readable event before yielding to other connections.
 BATCH = 64
+# Replies queued for a client that does not read them; beyond this we stop reading its
+# requests until it catches up, so a stalled client cannot grow our memory.
+OUT_BACKLOG = 4 << 20
 
 
 class ProtocolError(Exception):
@@ -97,6 +100,7 @@ class Session:
         self._body = bytearray()
         self._drain = 0
         self._out: deque[bytes] = deque()
+        self._out_bytes = 0
         # our requests to the client
         self._next_id = 0
         self._pending: dict[int, Callable[[int, bytes], None]] = {}
@@ -108,7 +112,7 @@ class Session:
     def on_readable(self) -> None:
         try:
             for _ in range(BATCH):
-                if self.closed or not self._read_step():
+                if self.closed or self.backlogged or not self._read_step():
                     return
         except FatalProtocolError as e:
             log.warning("%s: closing connection: %s", self.name, e)
@@ -419,6 +423,7 @@ class Session:
         _no_fds(fds, "DEVICE_RESET")
         if body:
             raise ProtocolError(errno.EINVAL, "DEVICE_RESET with payload")
+        log.info("%s: device reset", self.function.name)
         self.function.reset()
         return b""  # QEMU reserved a 16-byte reply: header only
 
@@ -529,11 +534,16 @@ class Session:
             log.warning("%s: IRQ %d/%d eventfd write failed: %s", self.name, index, vector, e)
 
     # -- writing ---------------------------------------------------------------------------
+    @property
+    def backlogged(self) -> bool:
+        """Too much output queued: read no more requests until the client catches up."""
+        return self._out_bytes > OUT_BACKLOG
+
     def _send(self, data: bytes) -> None:
         if self.closed:
             return
         if self._out:
-            self._out.append(data)
+            self._queue(data)
             return
         try:
             sent = self.sock.send(data)
@@ -544,25 +554,37 @@ class Session:
             self.close()
             return
         if sent < len(data):
-            self._out.append(data[sent:])
+            self._queue(data[sent:])
+
+    def _queue(self, data: bytes) -> None:
+        was_backlogged = self.backlogged
+        first = not self._out
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if first or self.backlogged != was_backlogged:
             self._want_write(self, True)
 
     def on_writable(self) -> None:
+        was_backlogged = self.backlogged
         while self._out:
             data = self._out[0]
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
                 log.info("%s: send failed: %s", self.name, e)
                 self.close()
                 return
+            self._out_bytes -= sent
             if sent < len(data):
                 self._out[0] = data[sent:]
-                return
+                break
             self._out.popleft()
-        self._want_write(self, False)
+        if not self._out:
+            self._want_write(self, False)
+        elif was_backlogged and not self.backlogged:
+            self._want_write(self, True)
 
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -585,6 +607,7 @@ class Session:
             on_reply(errno.ENOTCONN, b"")
         self._after_dma.clear()
         self._out.clear()
+        self._out_bytes = 0
         self.sock.close()
         self.function.disconnected()
 

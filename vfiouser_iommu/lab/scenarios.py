@@ -1,11 +1,15 @@
-"""Reference translation scenarios: one endpoint DMA through a RISC-V IOMMU, driven by qtest.
+"""Reference scenarios: endpoint DMA through a RISC-V IOMMU, driven by qtest.
 
-Models what a driver does to send one iommu-testdev DMA write through a RISC-V IOMMU in
-the four configurations of QEMU's `tests/qtest/iommu-riscv-test.c`: both stages Bare,
-first stage (Sv39) only, G-stage (Sv39x4) only, and nested (spec v1.0.1 §3 device
-directory and device context, §5 translation process, §2 register programming, §7 fault
-queue). Everything is built in guest RAM through a qtest session; nothing here knows
-which IOMMU answers, so the same scenario runs on QEMU's `riscv-iommu-pci` and on ours.
+Models what a driver does to send iommu-testdev DMAs through a RISC-V IOMMU in the
+four configurations of QEMU's `tests/qtest/iommu-riscv-test.c` (both stages Bare,
+first stage (Sv39) only, G-stage (Sv39x4) only, nested), plus the fault and
+invalidation cases a driver developer meets: an IOVA whose leaf PTE has V=0 (spec
+v1.0.1 §5 page walks, causes 13/15 and 21/23), a device context with V=0 (§3.3,
+cause 258), and a leaf PTE retargeted with and without IOTINVAL.VMA + IOFENCE.C
+submitted through the command queue (§4.1, §3.3.6 caching rules). Registers follow §2
+(fctl, ddtp, cqb/cqt/cqcsr, fqb/fqh/fqcsr), fault records §4.2. Everything is built
+in guest RAM through a qtest session; nothing here knows which IOMMU answers, so the
+same scenario runs on QEMU's `riscv-iommu-pci` and on ours.
 
 The encodings are written here from the spec, not imported from `vfiouser_iommu.iommu`:
 a scenario that checks our IOMMU must not share its layouts, or a wrong field would be
@@ -27,7 +31,7 @@ PTE_SIZE = 8
 CAPABILITIES = 0x000
 FCTL = 0x008
 DDTP = 0x010
-CQB, CQT = 0x018, 0x024
+CQB, CQH, CQT = 0x018, 0x020, 0x024
 FQB, FQH, FQT = 0x028, 0x030, 0x034
 CQCSR, FQCSR = 0x048, 0x04C
 
@@ -46,6 +50,13 @@ PPN_SHIFT = 10  # ddtp, cqb, fqb, DDTE and PTE all keep their PPN at bit 10
 PPN_MASK = (1 << 44) - 1
 CQEN, FQEN = 1 << 0, 1 << 0
 CQON, FQON = 1 << 16, 1 << 16
+CQMF, CMD_TO, CMD_ILL = 1 << 8, 1 << 9, 1 << 10
+CQ_ERRORS = CQMF | CMD_TO | CMD_ILL
+
+# Commands (§4.1): opcode 6:0, func3 9:7.
+OPCODE_IOTINVAL, OPCODE_IOFENCE = 1, 2
+FUNC3_VMA, FUNC3_C = 0, 0
+CMD_AV = 1 << 10
 
 # Device context (§3.1): tc.V, and the MODE field shared by iosatp and iohgatp.
 TC_V = 1
@@ -65,6 +76,10 @@ DMA_TRIGGERING = 0x00
 DMA_GVA_LO, DMA_GVA_HI = 0x04, 0x08
 DMA_LEN, DMA_RESULT, DMA_DBELL, DMA_ATTRS = 0x0C, 0x10, 0x14, 0x18
 DMA_GPA_LO, DMA_GPA_HI = 0x1C, 0x20
+# Our testdev's extension (endpoints/testdev.py): direction in DMA_CTRL bits 2:1. QEMU's
+# device ignores the register, so only ours-only scenarios set it.
+DMA_CTRL = 0x28
+CTRL_READ = 1 << 1
 DMA_DBELL_ARM = 1
 DMA_RESULT_BUSY = 0xFFFF_FFFE
 DMA_ERR_TX_FAIL = 0xDEAD_0002
@@ -157,6 +172,11 @@ class Tables:
     expected_address: int
     first_stage_pages: list[int] = field(default_factory=list)
     g_stage_pages: list[int] = field(default_factory=list)
+    # The leaf PTE that maps the IOVA in the stage that decides it: the first stage when
+    # enabled (nested included), else the G-stage; None for Bare.
+    leaf_pte: int | None = None
+    # How the leaf stores an address (nested first stages hold guest-physical ones).
+    pointer: Callable[[int], int] = lambda a: a
 
 
 @dataclass
@@ -231,12 +251,14 @@ class PageTable:
         width = self.root_vpn_bits if level == 2 else 9
         return (address >> (12 + 9 * level)) & ((1 << width) - 1)
 
-    def map_page(self, address: int, target: int, leaf_flags: int) -> None:
+    def map_page(self, address: int, target: int, leaf_flags: int) -> int:
+        """Map one 4 KiB page; returns the address of its leaf PTE."""
         table = self.root
         for level in (2, 1):
             table = self._child(table, self.vpn(address, level))
-        self.mem.writeq(table + PTE_SIZE * self.vpn(address, 0),
-                        pte(self.pointer(target), leaf_flags))
+        leaf = table + PTE_SIZE * self.vpn(address, 0)
+        self.mem.writeq(leaf, pte(self.pointer(target), leaf_flags))
+        return leaf
 
     def _child(self, table: int, index: int) -> int:
         child = self._children.get((table, index))
@@ -300,11 +322,11 @@ def build_translation(mem: QTestLike, pages: PageAllocator, device_id: int, stag
         tables.expected_address = iova
     if stages is Stages.FIRST_STAGE:
         first = PageTable(mem, pages, 9)
-        first.map_page(iova, data_page, flags)
+        tables.leaf_pte = first.map_page(iova, data_page, flags)
         iosatp, tables.first_stage_pages = atp(ATP_MODE_SV39, first.root), first.table_pages
     if stages is Stages.G_STAGE:
         second = PageTable(mem, pages, 11)
-        second.map_page(iova, data_page, flags)
+        tables.leaf_pte = second.map_page(iova, data_page, flags)
         iohgatp, tables.g_stage_pages = atp(ATP_MODE_SV39X4, second.root), second.table_pages
     if stages is Stages.NESTED:
         iosatp, iohgatp = build_nested(mem, pages, iova, data_page, memory, flags, tables)
@@ -320,7 +342,7 @@ def build_nested(mem: QTestLike, pages: PageAllocator, iova: int, data_page: int
         return spa - memory.guest_offset
 
     first = PageTable(mem, pages, 9, pointer=gpa)
-    first.map_page(iova, data_page, flags)
+    tables.leaf_pte, tables.pointer = first.map_page(iova, data_page, flags), gpa
     second = PageTable(mem, pages, 11)
     # The IOMMU reads first-stage tables through the G-stage (implicit accesses), so
     # every table page needs a G-stage mapping, not just the data page.
@@ -405,44 +427,219 @@ def drain_fault_queue(qt: QTestLike, base: int, fq_address: int) -> list[FaultRe
     return records
 
 
-# -- the endpoint --------------------------------------------------------------------------
-def testdev_dma(qt: QTestLike, bar: int, iova: int, check_address: int, length: int) -> int:
-    """One iommu-testdev DMA write of its pattern to `iova`; returns DMA_RESULT.
+# -- commands (§4.1) -----------------------------------------------------------------------
+def iotinval_vma(*, address: int | None = None, pscid: int | None = None,
+                 gscid: int | None = None) -> tuple[int, int]:
+    """IOTINVAL.VMA: AV/PSCV/GV set by giving the address / PSCID / GSCID to match."""
+    dw0 = OPCODE_IOTINVAL | FUNC3_VMA << 7
+    dw1 = 0
+    if address is not None:
+        dw0 |= CMD_AV
+        dw1 = (address >> 12) << 10
+    if pscid is not None:
+        dw0 |= pscid << 12 | 1 << 32
+    if gscid is not None:
+        dw0 |= 1 << 33 | gscid << 44
+    return dw0, dw1
 
-    The device reads `check_address` back without translation and reports a mismatch,
-    so the result code is a second, independent check of where the data went.
+
+def iofence_c(*, address: int | None = None, data: int = 0) -> tuple[int, int]:
+    """IOFENCE.C; with an address the IOMMU writes the 32-bit `data` there (AV=1)."""
+    dw0 = OPCODE_IOFENCE | FUNC3_C << 7 | (data & 0xFFFF_FFFF) << 32
+    if address is None:
+        return dw0, 0
+    if address & 3:
+        raise ScenarioError(f"IOFENCE.C address {address:#x} is not 4-byte aligned")
+    return dw0 | CMD_AV, address >> 2
+
+
+# -- a driver's session with one IOMMU -----------------------------------------------------
+class Driver:
+    """What a driver keeps for one IOMMU: capabilities, its queues, and its page pool.
+
+    `start` brings a fresh IOMMU to the point where only the DDT is missing; `submit`
+    feeds commands through the command queue and waits for cqh to pass them, as Linux's
+    riscv-iommu driver does.
     """
-    for reg, value in ((DMA_GVA_LO, iova), (DMA_GVA_HI, iova >> 32),
-                       (DMA_GPA_LO, check_address), (DMA_GPA_HI, check_address >> 32),
-                       (DMA_LEN, length), (DMA_ATTRS, 0), (DMA_DBELL, DMA_DBELL_ARM)):
+
+    def __init__(self, qt: QTestLike, base: int, memory: ScenarioMemory = ScenarioMemory()):
+        self.qt, self.base, self.memory = qt, base, memory
+        self.pages = PageAllocator(qt, memory.base, memory.limit)
+        self.caps = 0
+        self.cq_address = self.fq_address = 0
+        self.cq_tail = 0
+
+    def start(self, stages: Stages) -> Driver:
+        self.caps = check_capabilities(self.qt, self.base, stages)
+        require_reset_state(self.qt, self.base)
+        self.cq_address, self.fq_address = self.pages.take(), self.pages.take()
+        program_fctl(self.qt, self.base, self.caps)
+        enable_queue(self.qt, self.base, CQB, CQT, CQCSR, CQON, self.cq_address)
+        enable_queue(self.qt, self.base, FQB, FQH, FQCSR, FQON, self.fq_address)
+        return self
+
+    @property
+    def extended_dc(self) -> bool:
+        return bool(self.caps & CAP_MSI_FLAT)
+
+    def submit(self, *commands: tuple[int, int]) -> int:
+        """Queue `commands`, ring cqt, wait until cqh passes them; returns cqcsr."""
+        entries = 1 << QUEUE_LOG2SZ
+        for dw0, dw1 in commands:
+            entry = self.cq_address + CQ_ENTRY * self.cq_tail
+            self.qt.writeq(entry, dw0)
+            self.qt.writeq(entry + 8, dw1)
+            self.cq_tail = (self.cq_tail + 1) % entries
+        self.qt.writel(self.base + CQT, self.cq_tail)
+        poll(self.qt, lambda: self.qt.readl(self.base + CQH),
+             lambda head: head == self.cq_tail or bool(self.cqcsr() & CQ_ERRORS), "cqh")
+        return self.cqcsr()
+
+    def cqcsr(self) -> int:
+        return self.qt.readl(self.base + CQCSR)
+
+    def faults(self) -> list[FaultRecord]:
+        return drain_fault_queue(self.qt, self.base, self.fq_address)
+
+    def fqcsr(self) -> int:
+        return self.qt.readl(self.base + FQCSR)
+
+
+# -- the endpoint --------------------------------------------------------------------------
+def testdev_dma(qt: QTestLike, bar: int, iova: int, check_address: int, length: int,
+                ctrl: int = 0) -> int:
+    """One iommu-testdev DMA to `iova`; returns DMA_RESULT.
+
+    By default a write of the pattern, which the device reads back at `check_address`
+    without translation and reports a mismatch: the result code is a second,
+    independent check of where the data went. `ctrl` (ours only) picks another
+    direction, e.g. CTRL_READ.
+    """
+    registers = [(DMA_GVA_LO, iova), (DMA_GVA_HI, iova >> 32),
+                 (DMA_GPA_LO, check_address), (DMA_GPA_HI, check_address >> 32),
+                 (DMA_LEN, length), (DMA_ATTRS, 0)]
+    if ctrl:
+        registers.append((DMA_CTRL, ctrl))
+    for reg, value in [*registers, (DMA_DBELL, DMA_DBELL_ARM)]:
         qt.writel(bar + reg, value & 0xFFFF_FFFF)
     qt.readl(bar + DMA_TRIGGERING)
     return poll(qt, lambda: qt.readl(bar + DMA_RESULT), lambda v: v != DMA_RESULT_BUSY,
                 "testdev DMA_RESULT")
 
 
+# -- faults a scenario can plant -----------------------------------------------------------
+class Breakage(enum.Enum):
+    """What the driver gets wrong before the DMA (applied after the tables are built)."""
+
+    LEAF_NOT_VALID = "unmapped-iova"   # the IOVA's leaf PTE has V=0
+    DC_NOT_VALID = "dc-v0"             # the device context has tc.V=0
+
+    def apply(self, qt: QTestLike, tables: Tables) -> None:
+        if self is Breakage.LEAF_NOT_VALID:
+            if tables.leaf_pte is None:
+                raise ScenarioError("Bare stages have no leaf PTE to invalidate")
+            qt.writeq(tables.leaf_pte, 0)
+        else:
+            tables.dc[0] &= ~TC_V
+            qt.writeq(tables.dc_address, tables.dc[0])
+
+
 # -- one scenario, end to end --------------------------------------------------------------
 def run_translation_scenario(qt: QTestLike, iommu_base: int, testdev_bar: int,
                              requester_id: int, stages: Stages, *, iova: int = SCENARIO_IOVA,
                              length: int = 4, memory: ScenarioMemory = ScenarioMemory(),
-                             ddt_levels: int = 1, user_leaves: bool = True) -> ScenarioResult:
-    """Configure a fresh IOMMU for `stages`, let the testdev DMA to `iova`, report."""
-    caps = check_capabilities(qt, iommu_base, stages)
-    require_reset_state(qt, iommu_base)
-    pages = PageAllocator(qt, memory.base, memory.limit)
-    cq_address, fq_address = pages.take(), pages.take()
-    tables = build_translation(qt, pages, requester_id, stages, iova, bool(caps & CAP_MSI_FLAT),
-                               memory, ddt_levels, user_leaves)
-    program_fctl(qt, iommu_base, caps)
-    enable_queue(qt, iommu_base, CQB, CQT, CQCSR, CQON, cq_address)
-    enable_queue(qt, iommu_base, FQB, FQH, FQCSR, FQON, fq_address)
+                             ddt_levels: int = 1, user_leaves: bool = True,
+                             breakage: Breakage | None = None, ctrl: int = 0) -> ScenarioResult:
+    """Configure a fresh IOMMU for `stages`, let the testdev DMA to `iova`, report.
+
+    With a `breakage` the tables are damaged before the IOMMU is enabled, so the DMA
+    faults; `ctrl` selects another testdev direction (ours only).
+    """
+    driver = Driver(qt, iommu_base, memory).start(stages)
+    tables = build_translation(qt, driver.pages, requester_id, stages, iova,
+                               driver.extended_dc, memory, ddt_levels, user_leaves)
+    if breakage is not None:
+        breakage.apply(qt, tables)
     enable_ddt(qt, iommu_base, tables.ddt_root, ddt_levels)
     qt.memset(tables.expected_address, length, 0)
     qt.memset(iova, length, 0)
-    code = testdev_dma(qt, testdev_bar, iova, tables.expected_address, length)
-    return ScenarioResult(stages=stages, capabilities=caps, dma_result=code, iova=iova,
+    code = testdev_dma(qt, testdev_bar, iova, tables.expected_address, length, ctrl)
+    return ScenarioResult(stages=stages, capabilities=driver.caps, dma_result=code, iova=iova,
                           expected_address=tables.expected_address,
                           found=qt.memread(tables.expected_address, length),
                           at_iova=qt.memread(iova, length),
-                          faults=drain_fault_queue(qt, iommu_base, fq_address),
-                          fqcsr=qt.readl(iommu_base + FQCSR), tables=tables)
+                          faults=driver.faults(), fqcsr=driver.fqcsr(), tables=tables)
+
+
+# -- a leaf PTE changed under a cached translation ------------------------------------------
+FENCE_DATA = 0x600D_F00D
+
+
+@dataclass
+class Landing:
+    """One DMA of the retarget scenario: its result and what pages A and B hold after."""
+
+    dma_result: int
+    at_a: bytes
+    at_b: bytes
+
+    @property
+    def target(self) -> str:
+        """'A', 'B', 'none' or 'both': where the pattern landed."""
+        data = pattern(len(self.at_a))
+        hits = [name for name, got in (("A", self.at_a), ("B", self.at_b)) if got == data]
+        return "both" if len(hits) == 2 else hits[0] if hits else "none"
+
+
+@dataclass
+class RetargetResult:
+    """Map IOVA→A, DMA; retarget the leaf to B; DMA; IOTINVAL.VMA + IOFENCE.C; DMA."""
+
+    page_a: int
+    page_b: int
+    first: Landing              # fills the IOMMU's caches
+    without_inval: Landing      # after the PTE store, before any invalidation
+    after_inval: Landing        # after IOTINVAL.VMA and IOFENCE.C completed
+    cqcsr: int
+    fence_marker: int           # what IOFENCE.C (AV=1) wrote at its address
+    faults: list[FaultRecord]
+    tables: Tables
+
+
+def run_retarget_scenario(qt: QTestLike, iommu_base: int, testdev_bar: int,
+                          requester_id: int, stages: Stages = Stages.FIRST_STAGE, *,
+                          iova: int = SCENARIO_IOVA, length: int = 4,
+                          memory: ScenarioMemory = ScenarioMemory()) -> RetargetResult:
+    """Change a live leaf PTE from page A to page B; DMA before and after invalidating.
+
+    The spec (§3.3.6 caching) lets the IOMMU use the old or the new PTE until an
+    IOTINVAL.VMA covering the IOVA completes (IOFENCE.C), and nothing else.
+    The invalidation names the IOVA (AV=1) in all host address spaces (GV=0, PSCV=0),
+    as a driver does after editing one first-stage leaf.
+    """
+    if not stages.first_stage or stages.g_stage:
+        raise ScenarioError("the retarget scenario edits a host first-stage leaf (S-stage only)")
+    driver = Driver(qt, iommu_base, memory).start(stages)
+    tables = build_translation(qt, driver.pages, requester_id, stages, iova,
+                               driver.extended_dc, memory)
+    page_a, page_b, marker = tables.data_page, driver.pages.take(), driver.pages.take()
+    offset = iova & (PAGE_SIZE - 1)
+    enable_ddt(qt, iommu_base, tables.ddt_root, 1)
+
+    def dma(check_page: int) -> Landing:
+        qt.memset(page_a + offset, length, 0)
+        qt.memset(page_b + offset, length, 0)
+        code = testdev_dma(qt, testdev_bar, iova, check_page + offset, length)
+        return Landing(code, qt.memread(page_a + offset, length),
+                       qt.memread(page_b + offset, length))
+
+    first = dma(page_a)
+    # One 64-bit store, as the spec requires for updating a valid entry.
+    qt.writeq(tables.leaf_pte, pte(tables.pointer(page_b), leaf_flags(True)))
+    without_inval = dma(page_a)
+    cqcsr = driver.submit(iotinval_vma(address=iova),
+                          iofence_c(address=marker, data=FENCE_DATA))
+    after_inval = dma(page_b)
+    return RetargetResult(page_a, page_b, first, without_inval, after_inval, cqcsr,
+                          int.from_bytes(qt.memread(marker, 4), "little"), driver.faults(),
+                          tables)

@@ -11,11 +11,14 @@ are ignored (the spec leaves them UNSPECIFIED; the queue keeps running where it 
 
 from __future__ import annotations
 
+import logging
 from enum import IntEnum
 
 from vfiouser_iommu.iommu.interrupts import FIP, PIP
 from vfiouser_iommu.iommu.regs_layouts import DDTP, FCTL, FQCSR, PAGE_REQUEST, PQCSR, QB
 from vfiouser_iommu.memory import MemoryAccessError
+
+log = logging.getLogger(__name__)
 
 PAGE_REQUEST_MSG_CODE = 0x04
 _DDT_FAILURE_CAUSES = frozenset({256, 257, 258, 259, 268, 272})
@@ -148,6 +151,10 @@ class FaultQueue(ProducerQueue):
 
     def report(self, fault) -> None:
         """`iommu.report_fault`: write the record of a fault the spec says is reported."""
+        log.info("fault cause=%d ttyp=%d did=%#x pid=%s iotval=%#x iotval2=%#x%s",
+                 fault.cause, fault.ttyp, fault.device_id,
+                 "-" if fault.process_id is None else f"{fault.process_id:#x}",
+                 fault.iotval, fault.iotval2, "" if self.on else " (fault queue off: dropped)")
         self.push(fault.to_record(big_endian=self.big_endian))
 
 

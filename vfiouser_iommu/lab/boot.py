@@ -32,10 +32,11 @@ def default_script(name: str = "demo.sh") -> str:
 
 
 def machine_args(lab: Lab, memory: str = DEFAULT_MEMORY, smp: int = 2,
-                 machine: str = "virt,aia=aplic-imsic") -> list[str]:
-    """What every lab guest has: the machine, firmware, no display."""
+                 machine: str = "virt,aia=aplic-imsic", reboot: bool = False) -> list[str]:
+    """What every lab guest has: the machine, firmware, no display. Unless `reboot`,
+    a guest reboot ends QEMU like a power-off does."""
     return [lab.qemu, "-M", machine, "-m", memory, "-smp", str(smp), "-nographic",
-            "-no-reboot", "-bios", "default"]
+            *([] if reboot else ["-no-reboot"]), "-bios", "default"]
 
 
 def kernel_args(lab: Lab, initrd: Path, cmdline: str = KERNEL_CMDLINE) -> list[str]:
@@ -184,11 +185,12 @@ def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = 
 
 def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
               topology=None, workdir: Path | None = None, memory: str = DEFAULT_MEMORY,
-              verbose: int = 1) -> GuestRun:
+              verbose: int = 1, reboot: bool = False) -> GuestRun:
     """Boot a guest on our IOMMU (a `vfiouser-iommu serve` child) with its endpoints.
 
     `workdir` keeps the sockets, the scratch disk, the DTB and the server log; a
-    temporary folder is used (and removed) when it is None.
+    temporary folder is used (and removed) when it is None. With `reboot`, a guest
+    reboot resets the machine (our functions get DEVICE_RESET) instead of ending it.
     """
     from vfiouser_iommu.lab.stack import OurStack
 
@@ -196,7 +198,7 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         stack = OurStack(lab, work, topology, memory=memory, verbose=verbose)
-        machine = machine_args(lab, memory=memory)
+        machine = machine_args(lab, memory=memory, reboot=reboot)
         dtb = stack.write_dtb(machine)
         initrd = guest_initramfs(lab, script).write(work / "initrd.gz")
         with stack:

@@ -6,15 +6,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# swig and the Python headers build pylibfdt; dpkg-deb and tar unpack the lab's packages.
-SYSTEM_PACKAGES := python3-venv python3-dev swig gcc make dpkg tar xz-utils
+# swig and the Python headers build pylibfdt; dpkg-deb and tar unpack the lab's packages;
+# the riscv64 cross compiler builds the guest tools (tests/bench's iobench).
+SYSTEM_PACKAGES := python3-venv python3-dev swig gcc make dpkg tar xz-utils \
+                   gcc-riscv64-linux-gnu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/python -m pytest
 
 .PHONY: demo test lab deps venv lint unit protocol qtest guest bench clean
 
 demo: lab
-	$(BIN)/vfiouser-iommu lab boot --reference
+	$(BIN)/vfiouser-iommu lab boot --server-log
 
 test: lab lint
 	$(PYTEST) tests/unit tests/protocol tests/qtest tests/guest

@@ -174,10 +174,11 @@ def make_scratch_disk(path: Path, size: int = 64 << 20) -> Path:
 
 
 def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
-                   disk_size: int = 64 << 20) -> GuestRun:
+                   disk_size: int = 64 << 20, files: dict[str, bytes] | None = None
+                   ) -> GuestRun:
     """Boot a guest on QEMU's built-in IOMMU with virtio-blk + virtio-rng behind it."""
     with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
-        initrd = guest_initramfs(lab, script).write(Path(tmp) / "initrd.gz")
+        initrd = guest_initramfs(lab, script, files=files).write(Path(tmp) / "initrd.gz")
         disk = make_scratch_disk(Path(tmp) / "disk.img", disk_size)
         argv = (machine_args(lab) + kernel_args(lab, initrd) + reference_args(lab, disk))
         return run_guest(argv, timeout, echo)
@@ -185,7 +186,8 @@ def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = 
 
 def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
               topology=None, workdir: Path | None = None, memory: str = DEFAULT_MEMORY,
-              verbose: int = 1, reboot: bool = False) -> GuestRun:
+              verbose: int = 1, reboot: bool = False, disk_size: int = 64 << 20,
+              files: dict[str, bytes] | None = None) -> GuestRun:
     """Boot a guest on our IOMMU (a `vfiouser-iommu serve` child) with its endpoints.
 
     `workdir` keeps the sockets, the scratch disk, the DTB and the server log; a
@@ -197,10 +199,11 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
     with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        stack = OurStack(lab, work, topology, memory=memory, verbose=verbose)
+        stack = OurStack(lab, work, topology, memory=memory, verbose=verbose,
+                         disk_size=disk_size)
         machine = machine_args(lab, memory=memory, reboot=reboot)
         dtb = stack.write_dtb(machine)
-        initrd = guest_initramfs(lab, script).write(work / "initrd.gz")
+        initrd = guest_initramfs(lab, script, files=files).write(work / "initrd.gz")
         with stack:
             argv = machine + kernel_args(lab, initrd) + stack.qemu_args() + ["-dtb", str(dtb)]
             run = run_guest(argv, timeout, echo)

@@ -83,7 +83,9 @@ class Initramfs:
         for name, ko in self.modules:
             out.append(CpioEntry(f"lib/modules/{name}.ko", ko.read_bytes()))
         for path, data in sorted(self.files.items()):
-            out.append(CpioEntry(path.lstrip("/"), data))
+            # ELF files are programs the script runs: make them executable.
+            mode = 0o100755 if data[:4] == b"\x7fELF" else 0o100644
+            out.append(CpioEntry(path.lstrip("/"), data, mode))
         return out
 
     def build(self) -> bytes:

@@ -47,12 +47,13 @@ class OurStack:
     """Start with `with OurStack(lab, workdir) as stack:`; `stack.qemu_args()` attaches it."""
 
     def __init__(self, lab: Lab, workdir: Path, topology: Topology | None = None,
-                 memory: str = "1G", verbose: int = 1):
+                 memory: str = "1G", verbose: int = 1, disk_size: int = 64 << 20):
         self.lab = lab
         self.workdir = Path(workdir)
         self.topology = topology or Topology()
         self.memory = memory
         self.verbose = verbose
+        self.disk_size = disk_size
         self.socket_dir = self.workdir / "sockets"
         self.disk = self.workdir / "disk.img"
         self.log_path = self.workdir / "server.log"
@@ -71,7 +72,7 @@ class OurStack:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         if not self.disk.exists():
             with open(self.disk, "wb") as f:
-                f.truncate(64 << 20)
+                f.truncate(self.disk_size)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.server_argv(), stdout=subprocess.PIPE, stderr=log,
                                      start_new_session=True)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import RAM_BASE, open_fds
+from served import RAM_BASE, open_fds
 
 from vfiouser_iommu.endpoints import testdev
 from vfiouser_iommu.endpoints.testdev import IommuTestDev

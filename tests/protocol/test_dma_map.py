@@ -3,7 +3,7 @@
 import errno
 import os
 
-from conftest import RAM_BASE, RAM_SIZE, open_fds
+from served import RAM_BASE, RAM_SIZE, open_fds
 
 from vfiouser_iommu.vfio_user import wire
 from vfiouser_iommu.vfio_user.client import ClientError

@@ -2,7 +2,7 @@
 
 import errno
 
-from conftest import RAM_BASE
+from served import RAM_BASE
 
 from vfiouser_iommu.vfio_user import wire
 from vfiouser_iommu.vfio_user.wire import DMA_UNMAP_ALL, Command

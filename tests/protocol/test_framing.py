@@ -3,7 +3,7 @@
 import errno
 import os
 
-from conftest import open_fds
+from served import open_fds
 
 from vfiouser_iommu.endpoints import testdev
 from vfiouser_iommu.vfio_user import wire

@@ -74,15 +74,37 @@ class IommuFunction(PciFunction):
         self.iommu.reset()
 
 
+_SWITCH = {"on": True, "off": False}
+
+
 def build_iommu_function(options: dict[str, str]) -> IommuFunction:
-    """The IOMMU function of a `--iommu SS.F[,caps=0xVALUE]` option; ValueError if bad."""
-    unknown = set(options) - {"caps"}
-    if unknown:
-        raise ValueError(f"riscv-iommu: unknown options {sorted(unknown)} (known: caps)")
-    if "caps" not in options:
-        return IommuFunction()
-    try:
-        caps = int(options["caps"], 0)
-    except ValueError:
-        raise ValueError(f"riscv-iommu: caps={options['caps']!r} is not a number") from None
-    return IommuFunction(IommuConfig.from_capabilities(caps))
+    """The IOMMU function of `--iommu SS.F[,caps=0xVALUE][,FLAG=on|off...]`.
+
+    `caps` sets the whole capabilities register; a FLAG is any capability field of
+    `IommuConfig` (sv39, ats, msi_flat, ...; `pas` and `version` take numbers) and
+    overrides it. ValueError for anything else.
+    """
+    config = IommuConfig()
+    if "caps" in options:
+        try:
+            config = IommuConfig.from_capabilities(int(options["caps"], 0))
+        except ValueError:
+            raise ValueError(f"riscv-iommu: caps={options['caps']!r} is not a number") \
+                from None
+    changes: dict[str, object] = {}
+    for name, value in options.items():
+        if name == "caps":
+            continue
+        if name not in IommuConfig._CAP_FIELDS or name == "igs":
+            raise ValueError(f"riscv-iommu: unknown option {name!r} (caps=0x..., or one of "
+                             f"{', '.join(f for f in IommuConfig._CAP_FIELDS if f != 'igs')})")
+        if name in ("pas", "version"):
+            try:
+                changes[name] = int(value, 0)
+            except ValueError:
+                raise ValueError(f"riscv-iommu: {name}={value!r} is not a number") from None
+        elif value in _SWITCH:
+            changes[name] = _SWITCH[value]
+        else:
+            raise ValueError(f"riscv-iommu: {name}={value!r}: want on or off")
+    return IommuFunction(dataclasses.replace(config, **changes))

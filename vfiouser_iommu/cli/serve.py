@@ -22,7 +22,8 @@ stop it with SIGTERM.
 With --iommu SS.F the RISC-V IOMMU is served too (1b36:0014, the function Linux's
 riscv-iommu driver binds to), and every endpoint's DMA is translated by it for the
 endpoint's requester ID (bus 0, so its devfn). IOMMU options after the address:
-caps=0xVALUE (the capabilities register; default: everything we implement).
+caps=0xVALUE (the whole capabilities register) and/or capability flags such as
+ats=off, sv57=off, msi_flat=off, pas=48 (default: everything we implement).
 
 Endpoint kinds: {", ".join(sorted(ENDPOINTS))}.
 Example: vfiouser-iommu serve --socket-dir /tmp/vfu --iommu 01.0 \\
@@ -37,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder for the sockets (created if missing)")
     p.add_argument("--endpoint", action="append", default=[], metavar="KIND@SS.F[,opt=val]",
                    type=_function_spec, help="an endpoint function on bus 0 (repeatable)")
-    p.add_argument("--iommu", metavar="SS.F[,caps=0xVALUE]", type=_iommu_spec,
+    p.add_argument("--iommu", metavar="SS.F[,caps=0xVALUE][,FLAG=on|off]", type=_iommu_spec,
                    help="serve the RISC-V IOMMU at SS.F, translating every endpoint's DMA")
     p.add_argument("--dma-layout", choices=[m.value for m in DmaLayout],
                    default=DmaLayout.SPEC.value,

@@ -121,6 +121,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     else:
         run = boot_ours(lab, script, args.timeout, echo=echo, workdir=args.workdir)
         if args.server_log:
+            print("--- our server's log (vfiouser-iommu -v serve)")
             print(run.server_log, end="")
     status = "PASS" if run.verdict.passed else "FAIL"
     extra = " (timed out)" if run.timed_out else ""

@@ -11,6 +11,7 @@ the index's SHA256) and unpack them with `dpkg-deb`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import lzma
 import os
@@ -172,22 +173,63 @@ class Index:
                 continue
             seen[pkg.name] = pkg
             for group in pkg.depends:
+                if any(alt in skipped for alt in group):
+                    continue
                 choice = next((alt for alt in group if self.find(alt)), None)
                 if choice is None:
                     raise LabError(f"{pkg.name} needs one of {' | '.join(group)}, "
                                    "none is in the archive's index")
-                if not any(alt in skipped for alt in group):
-                    todo.append(choice)
+                todo.append(choice)
         return sorted(seen.values(), key=lambda p: p.name)
 
 
-def version_key(version: str) -> list:
-    """A sort key that orders Debian versions well enough for picking the newest."""
-    epoch, _, rest = version.rpartition(":") if ":" in version else ("0", "", version)
-    parts: list = [int(epoch or 0)]
-    for num, text in re.findall(r"(\d+)|(\D+)", rest):
-        parts.append((1, int(num)) if num else (0, text.replace("~", "\x00")))
-    return parts
+def _order(c: str) -> int:
+    """dpkg's character order: '~' before everything (even the end), letters first."""
+    if c == "~":
+        return -1
+    if c.isdigit():
+        return 0
+    if c.isalpha():
+        return ord(c)
+    return ord(c) + 256
+
+
+def _compare_part(a: str, b: str) -> int:
+    """dpkg's verrevcmp: alternate non-digit runs (by _order) and digit runs (numerically)."""
+    i = j = 0
+    while i < len(a) or j < len(b):
+        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
+            ac = _order(a[i]) if i < len(a) and not a[i].isdigit() else 0
+            bc = _order(b[j]) if j < len(b) and not b[j].isdigit() else 0
+            if ac != bc:
+                return ac - bc
+            i, j = i + 1, j + 1
+        ni = i
+        while ni < len(a) and a[ni].isdigit():
+            ni += 1
+        nj = j
+        while nj < len(b) and b[nj].isdigit():
+            nj += 1
+        diff = int(a[i:ni] or 0) - int(b[j:nj] or 0)
+        if diff:
+            return diff
+        i, j = ni, nj
+    return 0
+
+
+def _split_version(version: str) -> tuple[int, str, str]:
+    epoch, _, rest = version.partition(":") if ":" in version else ("0", "", version)
+    upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "")
+    return int(epoch or 0), upstream, revision
+
+
+def compare_versions(a: str, b: str) -> int:
+    """Negative, zero or positive as Debian version `a` sorts before, with or after `b`."""
+    (ea, ua, ra), (eb, ub, rb) = _split_version(a), _split_version(b)
+    return (ea - eb) or _compare_part(ua, ub) or _compare_part(ra, rb)
+
+
+version_key = functools.cmp_to_key(compare_versions)
 
 
 # -- the network ------------------------------------------------------------------------------

@@ -56,3 +56,23 @@ def test_status_without_a_lab_says_how_to_get_one(tmp_path, monkeypatch, capsys)
         main(["lab", "status"])
     assert e.value.code == 2
     assert "lab provision" in capsys.readouterr().err
+
+
+def test_qemu_args_for_an_iommu_and_an_endpoint(capsys):
+    assert main(["lab", "qemu-args", "--socket-dir", "/s", "--iommu", "01.0",
+                 "--endpoint", "iommu-testdev@02.0"]) == 0
+    out = capsys.readouterr().out
+    assert "memory-backend-memfd,id=ram0,size=1G,share=on" in out
+    assert '"addr":"01.0"' in out and '"path":"/s/02.0.sock"' in out
+
+
+@pytest.mark.parametrize("bad", [["--iommu", "1.9"], ["--endpoint", "testdev"],
+                                 ["--iommu", "02.0", "--endpoint", "iommu-testdev@02.0"]])
+def test_qemu_args_refuses_bad_specs_with_a_message(capsys, bad):
+    assert main(["lab", "qemu-args", "--socket-dir", "/s", *bad]) == 2
+    assert capsys.readouterr().err.startswith("vfiouser-iommu: ")
+
+
+def test_serve_refuses_bad_iommu_options(capsys, tmp_path):
+    assert main(["serve", "--socket-dir", str(tmp_path), "--iommu", "01.0,ats=maybe"]) == 2
+    assert "want on or off" in capsys.readouterr().err

@@ -135,7 +135,11 @@ def cmd_qemu_args(args: argparse.Namespace) -> int:
 
     from vfiouser_iommu import topology
 
-    functions = topology.parse_functions(iommu=args.iommu, endpoints=args.endpoint)
+    try:
+        functions = topology.parse_functions(iommu=args.iommu, endpoints=args.endpoint)
+    except ValueError as e:
+        print(f"vfiouser-iommu: {e}", file=sys.stderr)
+        return 2
     argv = topology.qemu_vfio_user_args(args.socket_dir, functions, args.memory)
     print(" ".join(shlex.quote(a) for a in argv))
     return 0

@@ -7,6 +7,14 @@ them is ever touched. An access that falls outside every region either goes to a
 fallback (the vfio-user layer installs one that turns writes into DMA_WRITE messages,
 for interrupt-controller doorbells that are not RAM) or raises `MemoryAccessError`.
 
+Ranges can be *poisoned* (`poison`/`unpoison`), modelling memory whose reads return
+corrupted data (an uncorrectable ECC error, "poisoned data" in the RISC-V IOMMU spec):
+reading any byte of a poisoned range raises `MemoryPoisonError`, a `MemoryAccessError`,
+so code that does not ask treats it as an access error. Poison affects reads only: a
+write goes through and leaves the poison in place (only `unpoison` removes it), which
+keeps an injected error where the test put it. Poison is kept by guest-physical
+address, independently of which regions are mapped.
+
 `DmaView` is what a device model gets for its DMA: identity here; the IOMMU provides a
 translating subclass (`RiscvIommu.dma_view`). Endpoints never know which one they have.
 Every DMA access says what it is (read, write) so the translating view can check
@@ -32,6 +40,13 @@ class MemoryAccessError(Exception):
         self.gpa = gpa
         self.length = length
         self.why = why
+
+
+class MemoryPoisonError(MemoryAccessError):
+    """A read touched a poisoned range: the memory returned corrupted data."""
+
+    def __init__(self, gpa: int, length: int):
+        super().__init__(gpa, length, "poisoned data")
 
 
 class Fallback(Protocol):
@@ -64,6 +79,9 @@ class GuestMemory:
         self._starts: list[int] = []
         self._regions: list[Region] = []
         self.fallback: Fallback | None = None
+        # Poisoned [start, end) ranges, sorted and disjoint; empty (falsy) almost always,
+        # so the read paths pay one truth test.
+        self._poison: list[tuple[int, int]] = []
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -108,6 +126,49 @@ class GuestMemory:
         gone, self._regions, self._starts = self._regions, [], []
         return gone
 
+    # -- poison ----------------------------------------------------------------------
+    def poison(self, gpa: int, length: int) -> None:
+        """Make reads of [gpa, gpa+length) fail with `MemoryPoisonError`."""
+        if length <= 0 or gpa < 0:
+            raise ValueError(f"bad poison range {gpa:#x}+{length:#x}")
+        start, end = gpa, gpa + length
+        kept = []
+        for s, e in self._poison:
+            if e < start or end < s:
+                kept.append((s, e))
+            else:
+                start, end = min(s, start), max(e, end)
+        kept.append((start, end))
+        self._poison = sorted(kept)
+
+    def unpoison(self, gpa: int, length: int) -> None:
+        """Remove the poison from [gpa, gpa+length) (what is outside stays poisoned)."""
+        end = gpa + length
+        kept = []
+        for s, e in self._poison:
+            if s < gpa:
+                kept.append((s, min(e, gpa)))
+            if e > end:
+                kept.append((max(s, end), e))
+        self._poison = kept
+
+    def poisoned(self, gpa: int, length: int = 1) -> bool:
+        """Whether any byte of [gpa, gpa+length) is poisoned."""
+        ranges = self._poison
+        if length <= 0 or not ranges:
+            return False
+        i = bisect.bisect_right(ranges, (gpa + length - 1, 1 << 65)) - 1
+        return i >= 0 and ranges[i][1] > gpa
+
+    @property
+    def poisoned_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The poisoned (gpa, length) ranges, sorted."""
+        return tuple((s, e - s) for s, e in self._poison)
+
+    def _check_poison(self, gpa: int, length: int) -> None:
+        if self.poisoned(gpa, length):
+            raise MemoryPoisonError(gpa, length)
+
     # -- lookup ---------------------------------------------------------------------
     def _find(self, gpa: int, length: int) -> Region | None:
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -122,7 +183,13 @@ class GuestMemory:
         return self._find(gpa, length) is not None
 
     def slice(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
-        """A zero-copy view of guest memory; the range must lie inside one region."""
+        """A zero-copy view of guest memory; the range must lie inside one region.
+
+        A read-only view of a poisoned range raises `MemoryPoisonError`; a writable view
+        (taken to write into) does not, since poison affects reads only.
+        """
+        if self._poison and not writable:
+            self._check_poison(gpa, length)
         r = self._find(gpa, length)
         if r is None or length < 0:
             raise MemoryAccessError(gpa, length)
@@ -133,6 +200,8 @@ class GuestMemory:
 
     # -- bytes ------------------------------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
+        if self._poison:
+            self._check_poison(gpa, length)
         r = self._find(gpa, length)
         if r is not None:
             off = gpa - r.gpa
@@ -157,6 +226,8 @@ class GuestMemory:
 
     # -- integers ---------------------------------------------------------------------
     def read_int(self, gpa: int, size: int, *, big_endian: bool = False) -> int:
+        if self._poison:
+            self._check_poison(gpa, size)
         codec = (_BE if big_endian else _LE)[size]
         r = self._find(gpa, size)
         if r is not None:

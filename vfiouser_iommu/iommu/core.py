@@ -61,7 +61,7 @@ from vfiouser_iommu.iommu.walk import (
     needs_ad_update,
     walk,
 )
-from vfiouser_iommu.memory import GuestMemory, MemoryAccessError
+from vfiouser_iommu.memory import GuestMemory, MemoryAccessError, MemoryPoisonError
 
 #: Size reported for an identity (Bare) stage: the spec leaves it to the
 #: implementation; 1 GiB matches the reference model.
@@ -422,7 +422,7 @@ class RiscvIommu:
 
         def load(addr: int) -> int:
             return read_table_word(self.memory, self.config.pas, addr, mode.pte_size, be,
-                                   fault_cause)
+                                   fault_cause, Cause.PT_DATA_CORRUPTION)
 
         def store(addr: int, old: int, new: int) -> int:
             return self._compare_exchange(addr, mode.pte_size, old, new, be, fault_cause)
@@ -436,11 +436,16 @@ class RiscvIommu:
 
     def _compare_exchange(self, addr: int, size: int, old: int, new: int, be: bool,
                           cause: int) -> int:
-        """The A/D update's atomic compare-and-swap on guest memory."""
+        """The A/D update's atomic compare-and-swap on guest memory.
+
+        Its read half returning poisoned data is a page-table data corruption (274).
+        """
         if addr + size > 1 << self.config.pas or not self.memory.contains(addr, size):
             raise Stop(cause)
         try:
             return self.memory.compare_exchange(addr, size, old, new, big_endian=be)
+        except MemoryPoisonError:
+            raise Stop(Cause.PT_DATA_CORRUPTION) from None
         except MemoryAccessError:
             raise Stop(cause) from None
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfiouser_iommu.iommu.config import IommuConfig
-from vfiouser_iommu.iommu.faults import Cause, Stop
-from vfiouser_iommu.memory import GuestMemory
+from vfiouser_iommu.iommu.faults import DATA_CORRUPTION, Cause, Stop
+from vfiouser_iommu.memory import GuestMemory, MemoryPoisonError
 
 PPN_MASK = (1 << 44) - 1
 PAGE_SHIFT = 12
@@ -125,15 +125,20 @@ def device_id_fits(device_id: int, mode: int, dc_size: int) -> bool:
 
 
 def read_table_word(memory: GuestMemory, pas: int, addr: int, size: int, big_endian: bool,
-                    cause: int) -> int:
+                    cause: int, corruption: int | None = None) -> int:
     """One implicit load of a table entry; any access fault becomes `cause`.
 
     Table walks only touch mapped RAM below 2^PAS: an address outside it is an access
-    fault, never a fallback (vfio-user DMA message) access.
+    fault, never a fallback (vfio-user DMA message) access. A load that returns
+    poisoned data stops with `corruption`, by default the data-corruption cause of
+    the table kind that `cause` names (`faults.DATA_CORRUPTION`).
     """
     if addr < 0 or addr + size > 1 << pas or not memory.contains(addr, size):
         raise Stop(cause)
-    return memory.read_int(addr, size, big_endian=big_endian)
+    try:
+        return memory.read_int(addr, size, big_endian=big_endian)
+    except MemoryPoisonError:
+        raise Stop(corruption if corruption is not None else DATA_CORRUPTION[cause]) from None
 
 
 def locate_device_context(memory: GuestMemory, config: IommuConfig, ddtp: int, fctl: int,

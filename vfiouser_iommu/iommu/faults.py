@@ -84,6 +84,19 @@ GUEST_PAGE_FAULT = {Access.READ: Cause.READ_GUEST_PAGE_FAULT,
                     Access.WRITE: Cause.WRITE_GUEST_PAGE_FAULT,
                     Access.EXECUTE: Cause.INSTRUCTION_GUEST_PAGE_FAULT}
 
+#: The data-corruption cause of a table read, by the cause its access fault would have
+#: (§4.2; "poisoned data" in the §3.3 steps): DDT 257 -> 268, PDT 265 -> 269, MSI PT
+#: 261 -> 270, first/second-stage PT (access faults 1/5/7) -> 274. The G-stage tables
+#: reached for a PDT access are page tables: the caller names 274 for them.
+DATA_CORRUPTION = {
+    Cause.DDT_LOAD_ACCESS_FAULT: Cause.DDT_DATA_CORRUPTION,
+    Cause.PDT_LOAD_ACCESS_FAULT: Cause.PDT_DATA_CORRUPTION,
+    Cause.MSI_PTE_LOAD_ACCESS_FAULT: Cause.MSI_PT_DATA_CORRUPTION,
+    Cause.INSTRUCTION_ACCESS_FAULT: Cause.PT_DATA_CORRUPTION,
+    Cause.READ_ACCESS_FAULT: Cause.PT_DATA_CORRUPTION,
+    Cause.WRITE_ACCESS_FAULT: Cause.PT_DATA_CORRUPTION,
+}
+
 #: Causes still reported when DC.tc.DTF=1 (§3.1.3.1, fault table "DTF" column).
 NOT_SUPPRESSED_BY_DTF = frozenset({
     Cause.ALL_INBOUND_DISALLOWED, Cause.DDT_LOAD_ACCESS_FAULT, Cause.DDT_ENTRY_NOT_VALID,

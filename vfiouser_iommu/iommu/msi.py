@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from vfiouser_iommu.iommu.directory import MSIPTP_FLAT, PPN_MASK, read_table_word
 from vfiouser_iommu.iommu.faults import Cause, Stop
 from vfiouser_iommu.iommu.request import Access, MrifTarget, Request, Translation
-from vfiouser_iommu.memory import MemoryAccessError
+from vfiouser_iommu.memory import MemoryAccessError, MemoryPoisonError
 
 if TYPE_CHECKING:
     from vfiouser_iommu.iommu.core import RiscvIommu, StageContext
@@ -124,6 +124,12 @@ def deliver_mrif(iommu: RiscvIommu, request: Request, translation: Translation,
         raise Stop(Cause.MRIF_ACCESS_FAULT)
     try:
         old = memory.read_int(pending, 8, big_endian=be)
+    except MemoryPoisonError:
+        # The read-modify-write read corrupted data: nothing is written, no notice.
+        raise Stop(Cause.MRIF_DATA_CORRUPTION) from None
+    except MemoryAccessError:
+        raise Stop(Cause.MRIF_ACCESS_FAULT) from None
+    try:
         memory.write_int(pending, 8, old | 1 << (identity % 64), big_endian=be)
         memory.write_int(target.notice_ppn << 12, 4, target.notice_id)
     except MemoryAccessError:

@@ -175,7 +175,7 @@ class PageRequestQueue(ProducerQueue):
         Markers are dropped. Directory failures and EN_PRI=0 are also fault-logged
         (TTYP 9, iotval = the Page Request message code).
         """
-        refused = self._context_refusal(device_id, process_id)
+        refused = self._context_refusal(device_id, process_id, privileged)
         if refused is None:
             record = self._record(device_id, process_id, page_addr, prg_index, read, write,
                                   last, privileged, execute)
@@ -190,16 +190,17 @@ class PageRequestQueue(ProducerQueue):
         if last and (read or write):
             self._auto_response(device_id, process_id, prg_index, *refused)
 
-    def _context_refusal(self, device_id: int, process_id: int | None):
+    def _context_refusal(self, device_id: int, process_id: int | None, privileged: bool):
         """(response code, PRPR) when the directory refuses the request, else None.
 
         Part 1's `message_context` locates the DC and reports the fault (TTYP 9) for
-        Off/Bare, directory faults and a DC without EN_PRI.
+        Off/Bare, directory faults and a DC without EN_PRI; the record's PRIV is the
+        request's Privilege Mode Requested, as in the page-request record.
         """
         from vfiouser_iommu.iommu.request import Request, RequestKind
 
-        request = Request(device_id, process_id, 0, kind=RequestKind.PCIE_MESSAGE,
-                          message_code=PAGE_REQUEST_MSG_CODE)
+        request = Request(device_id, process_id, 0, privileged=privileged,
+                          kind=RequestKind.PCIE_MESSAGE, message_code=PAGE_REQUEST_MSG_CODE)
         dc = self.regs.iommu.message_context(request)
         if hasattr(dc, "cause"):
             if dc.cause in _DDT_FAILURE_CAUSES:

@@ -7,9 +7,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from iommu_tables import LEAF_RW, LEAF_RWX, RAM_BASE, atp, make_iommu
+from test_iommu_garbage import BASE, SIZE, NoReads, _pointer_word, requests
 
-from vfiouser_iommu.iommu import Access, Fault, Request, RequestKind, RiscvIommu, Translation
+from vfiouser_iommu.iommu import (
+    Access,
+    Fault,
+    IommuConfig,
+    Request,
+    RequestKind,
+    RiscvIommu,
+    Translation,
+)
 from vfiouser_iommu.iommu.ats import completion_status
 from vfiouser_iommu.iommu.walk import SV39, SV39X4
 from vfiouser_iommu.memory import DmaError, GuestMemory, MemoryAccessError, MemoryPoisonError
@@ -297,3 +308,34 @@ def test_page_request_with_poisoned_ddt_gets_response_failure():
                             last=True)
     assert endpoint.responses == [(PID, 3, 0xF)]
     assert list(iommu.recent_faults) == [Fault(268, 9, 4, 0, DID, PID, False)]
+
+
+# -- garbage tables with poison: nothing escapes ---------------------------------------------
+CORRUPTION = {268, 269, 270, 271, 274}
+
+
+@settings(max_examples=100, deadline=None)
+@given(words=st.lists(st.tuples(st.integers(0, 20 * 512 - 1), st.integers(0, (1 << 64) - 1),
+                                st.sampled_from([0, 1, 3, 0xCF, 0x1F])), max_size=200),
+       poison=st.lists(st.tuples(st.integers(0, 24 * 4096), st.integers(1, 8192)),
+                       max_size=6),
+       ddtp_mode=st.sampled_from([2, 3, 4]), reqs=st.lists(requests, min_size=1, max_size=8))
+def test_poisoned_garbage_tables_never_raise(words, poison, ddtp_mode, reqs):
+    mem = GuestMemory.ram(BASE, SIZE)
+    mem.fallback = NoReads()
+    for slot, value, kind in words:
+        mem.write_int(BASE + slot * 8, 8, _pointer_word(value, kind) if kind else value)
+    for offset, length in poison:
+        mem.poison(BASE + offset, length)
+    iommu = RiscvIommu(mem, IommuConfig(iotlb_entries=16))
+    iommu.set_register("ddtp", (BASE >> 12) << 10 | ddtp_mode)
+    for request in reqs:
+        result = iommu.translate(request)
+        assert isinstance(result, Translation | Fault)
+        if isinstance(result, Fault):
+            assert result.cause not in CORRUPTION or poison
+        try:
+            iommu.dma_view(request.device_id & 0xFFFFFF).write(request.iova & (1 << 63) - 8,
+                                                               b"\x01\x00\x00\x00")
+        except DmaError:
+            pass

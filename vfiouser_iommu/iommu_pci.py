@@ -34,6 +34,13 @@ MSIX_VECTORS = 16
 COMMAND_BUDGET = 256
 
 
+def default_config() -> IommuConfig:
+    """What the function advertises unless told otherwise: everything QEMU's built-in
+    riscv-iommu-pci advertises that v1.0.1 defines (it also sets Svrsw60t59b, a later
+    extension we do not implement) plus everything else we implement."""
+    return IommuConfig(sv32=True, sv32x4=True)
+
+
 class IommuFunction(PciFunction):
     """A `RiscvIommu` behind a PCI BAR0, with MSI-X for its interrupts."""
 
@@ -42,7 +49,7 @@ class IommuFunction(PciFunction):
                          msix=MsixSpec(MSIX_VECTORS, bir=0, table_offset=MSI_CFG_TBL,
                                        pba_offset=MSI_PBA),
                          pcie=True)
-        config = config or IommuConfig()
+        config = config or default_config()
         config = dataclasses.replace(config, msi_table_external=True,
                                      interrupt_vectors=MSIX_VECTORS)
         self.iommu = RiscvIommu(self.memory, config, raise_irq=self.raise_msix)
@@ -84,7 +91,7 @@ def build_iommu_function(options: dict[str, str]) -> IommuFunction:
     `IommuConfig` (sv39, ats, msi_flat, ...; `pas` and `version` take numbers) and
     overrides it. ValueError for anything else.
     """
-    config = IommuConfig()
+    config = default_config()
     if "caps" in options:
         try:
             config = IommuConfig.from_capabilities(int(options["caps"], 0))

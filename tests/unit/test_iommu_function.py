@@ -36,6 +36,13 @@ def test_capabilities_register_is_bar0_offset_0():
     assert caps == f.iommu.config.capabilities and caps & 0xFF == 0x10
 
 
+def test_default_advertises_qemus_v1_0_1_capabilities_and_more():
+    qemu = 0x0000_0078_C2CF_4F10 & ~(1 << 14)          # less Svrsw60t59b (not in v1.0.1)
+    caps = IommuFunction().iommu.config.capabilities
+    assert caps & qemu == qemu
+    assert caps & (1 << 24) and caps & (1 << 15)        # and AMO_HWAD, Svpbmt, ...
+
+
 def test_capability_options():
     assert not build_iommu_function({"ats": "off"}).iommu.config.ats
     f = build_iommu_function({"caps": "0x78C2CF4F10", "sv57": "off", "pas": "48"})

@@ -100,3 +100,17 @@ def test_reboot_resets_our_functions_and_the_driver_probes_again(lab, tmp_path):
     assert {"first-boot-probe", "second-boot-probe", "second-boot-virtio-blk"} <= names
     assert rebooted.server_log.count("riscv-iommu: device reset") >= 2
     assert len(re.findall(r"IODIR\.INVAL_DDT: done", rebooted.server_log)) == 2
+
+
+def test_another_topology_iommu_at_05_and_blk_at_02(lab, tmp_path):
+    from vfiouser_iommu.lab.boot import default_script
+    from vfiouser_iommu.lab.stack import Topology
+
+    topology = Topology.parse("05.0", ["virtio-blk@02.0", "virtio-rng@04.0"])
+    run = boot_ours(lab, default_script(), timeout=240, echo=None, workdir=tmp_path,
+                    topology=topology)
+    assert run.verdict.passed, explain(run)
+    results = {r.name: r for r in run.verdict.results}
+    assert "riscv-iommu@0000:00:05.0" in results["iommu-probed"].detail
+    assert results["iommu-group-0000:00:02.0"].passed
+    assert results["virtio-blk-roundtrip"].passed

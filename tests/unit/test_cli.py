@@ -76,3 +76,31 @@ def test_qemu_args_refuses_bad_specs_with_a_message(capsys, bad):
 def test_serve_refuses_bad_iommu_options(capsys, tmp_path):
     assert main(["serve", "--socket-dir", str(tmp_path), "--iommu", "01.0,ats=maybe"]) == 2
     assert "want on or off" in capsys.readouterr().err
+
+
+def test_lab_boot_topology_options():
+    args = parse("lab", "boot", "--iommu", "05.0,ats=off", "--endpoint", "virtio-blk@02.0",
+                 "--disk-size", "128")
+    assert args.iommu == "05.0,ats=off" and args.endpoint == ["virtio-blk@02.0"]
+    assert args.disk_size == 128
+
+
+@pytest.mark.parametrize("bad", [["--endpoint", "bogus@03.0"], ["--iommu", "3"],
+                                 ["--reference", "--iommu", "01.0"]])
+def test_lab_boot_refuses_a_bad_topology_before_booting(capsys, bad):
+    assert main(["lab", "boot", *bad]) == 2
+    assert capsys.readouterr().err.startswith("vfiouser-iommu: ")
+
+
+def test_topology_defaults_and_scratch_disk():
+    from pathlib import Path
+
+    from vfiouser_iommu.lab.stack import Topology
+
+    t = Topology.parse(None, [])
+    assert t.iommu == "01.0" and t.iommu_options == ""
+    assert t.endpoint_specs(Path("/d.img")) == [
+        "iommu-testdev@02.0", "virtio-blk@03.0,disk=/d.img", "virtio-rng@04.0"]
+    t = Topology.parse("05.0,ats=off", ["virtio-blk@02.0,disk=/mine.img"])
+    assert t.iommu_spec() == "05.0,ats=off"
+    assert t.endpoint_specs(Path("/d.img")) == ["virtio-blk@02.0,disk=/mine.img"]

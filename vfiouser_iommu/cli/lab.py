@@ -60,6 +60,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: a temporary folder)")
     p.add_argument("--server-log", action="store_true",
                    help="print our server's log after the guest stops")
+    p.add_argument("--iommu", metavar="SS.F[,OPTIONS]",
+                   help="our IOMMU's address and options, as `serve --iommu` takes them "
+                        "(default: 01.0)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="KIND@SS.F[,opt=val]",
+                   help="an endpoint behind our IOMMU (repeatable; default: iommu-testdev@02.0 "
+                        "virtio-blk@03.0 virtio-rng@04.0; a virtio-blk without disk= gets a "
+                        "scratch image)")
+    p.add_argument("--disk-size", type=int, default=64, metavar="MIB",
+                   help="size of the scratch disk image (default: %(default)s MiB)")
     p.set_defaults(func=cmd_boot)
 
     p = cmds.add_parser("qemu-args", help="print QEMU arguments for vfio-user functions",
@@ -111,15 +120,37 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
+    from vfiouser_iommu.endpoints import ENDPOINTS
     from vfiouser_iommu.lab.boot import boot_ours, boot_reference, default_script
+    from vfiouser_iommu.lab.stack import StackError, Topology
+    from vfiouser_iommu.topology import IOMMU_KIND, parse_functions
 
+    if args.reference and (args.iommu or args.endpoint):
+        print("vfiouser-iommu: --iommu/--endpoint describe our stack, not --reference",
+              file=sys.stderr)
+        return 2
+    topology = Topology.parse(args.iommu, args.endpoint)
+    try:
+        for spec in parse_functions(topology.iommu, topology.endpoint_specs(Path("disk.img"))):
+            if spec.kind != IOMMU_KIND and spec.kind not in ENDPOINTS:
+                raise ValueError(f"unknown endpoint {spec.kind!r} "
+                                 f"(known: {', '.join(sorted(ENDPOINTS))})")
+    except ValueError as e:
+        print(f"vfiouser-iommu: {e}", file=sys.stderr)
+        return 2
     lab = _lab_or_exit()
     script = args.script.read_text() if args.script else default_script()
     echo = None if args.quiet else sys.stdout
+    disk_size = args.disk_size << 20
     if args.reference:
-        run = boot_reference(lab, script, args.timeout, echo=echo)
+        run = boot_reference(lab, script, args.timeout, echo=echo, disk_size=disk_size)
     else:
-        run = boot_ours(lab, script, args.timeout, echo=echo, workdir=args.workdir)
+        try:
+            run = boot_ours(lab, script, args.timeout, echo=echo, workdir=args.workdir,
+                            topology=topology, disk_size=disk_size)
+        except StackError as e:
+            print(f"vfiouser-iommu: {e}", file=sys.stderr)
+            return 1
         if args.server_log:
             print("--- our server's log (vfiouser-iommu -v serve)")
             print(run.server_log, end="")

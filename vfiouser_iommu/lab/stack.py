@@ -29,15 +29,26 @@ class StackError(Exception):
     pass
 
 
+DEFAULT_ENDPOINTS = ("iommu-testdev@02.0", "virtio-blk@03.0", "virtio-rng@04.0")
+
+
 @dataclass
 class Topology:
+    """Where our functions sit. A virtio-blk without `disk=` gets the scratch image."""
+
     iommu: str = "01.0"
     iommu_options: str = ""          # e.g. "caps=0x..." or named flags, as `serve` takes
-    endpoints: list[str] = field(default_factory=lambda: [
-        "iommu-testdev@02.0", "virtio-blk@03.0,disk={disk}", "virtio-rng@04.0"])
+    endpoints: list[str] = field(default_factory=lambda: list(DEFAULT_ENDPOINTS))
+
+    @classmethod
+    def parse(cls, iommu: str | None, endpoints: list[str]) -> Topology:
+        """From `--iommu SS.F[,opts]` and `--endpoint` options (none: the default set)."""
+        address, _, options = (iommu or "01.0").partition(",")
+        return cls(address, options, list(endpoints) or list(DEFAULT_ENDPOINTS))
 
     def endpoint_specs(self, disk: Path) -> list[str]:
-        return [e.replace("{disk}", str(disk)) for e in self.endpoints]
+        return [f"{e},disk={disk}" if e.startswith("virtio-blk@") and "disk=" not in e else e
+                for e in self.endpoints]
 
     def iommu_spec(self) -> str:
         return self.iommu + (f",{self.iommu_options}" if self.iommu_options else "")

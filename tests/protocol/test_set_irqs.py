@@ -154,3 +154,39 @@ def test_bad_set_irqs(dev):
     assert open_fds() <= before
     assert client.errno_of(Command.DEVICE_SET_IRQS, b"\0" * 16) == errno.EINVAL
     os.close(efd)
+
+
+def test_fd_that_is_not_an_eventfd_is_refused_and_closed(dev):
+    """A pipe as an "eventfd" would block the loop once full: EINVAL, nothing kept."""
+    s, _, client = dev
+    efd = os.eventfd(0)
+    r, w = os.pipe()
+    before = open_fds()
+    assert _set(client, PciIrq.MSIX, 0, 1, EVENTFD_TRIGGER, fds=[w]) == errno.EINVAL
+    assert _set(client, PciIrq.MSIX, 0, 2, EVENTFD_TRIGGER, fds=[efd, w]) == errno.EINVAL
+    s.sync()
+    assert open_fds() <= before
+    client.set_irqs(PciIrq.MSIX, 0, 1, EVENTFD_TRIGGER, fds=[efd])     # still serving
+    client.set_irqs(PciIrq.MSIX, 0, 1, NONE_TRIGGER)
+    assert _fired(efd)
+    for fd in (efd, r, w):
+        os.close(fd)
+
+
+def test_saturated_eventfd_never_blocks_the_loop(dev):
+    """A counter at its maximum means "already pending": the signal is not waited for."""
+    s, _, client = dev
+    efd = os.eventfd(0)                                     # blocking, as a hostile client's
+    os.eventfd_write(efd, (1 << 64) - 2)                    # the largest value it can hold
+    client.set_irqs(PciIrq.MSIX, 0, 1, EVENTFD_TRIGGER, fds=[efd])
+    try:
+        for _ in range(3):
+            client.send(Command.DEVICE_SET_IRQS,
+                        wire.IRQ_SET.pack(20, NONE_TRIGGER, PciIrq.MSIX, 0, 1),
+                        flags=wire.FLAG_NO_REPLY)
+        s.sync()
+        assert _set(client, PciIrq.MSIX, 0, 1, NONE_TRIGGER) == 0
+    finally:
+        os.set_blocking(efd, False)
+        os.eventfd_read(efd)                                # unblocks a stuck server
+        os.close(efd)

@@ -349,6 +349,13 @@ class Session:
             raise ProtocolError(errno.EINVAL, "DATA_EVENTFD only with ACTION_TRIGGER")
         if data or len(fds) not in (0, count):
             raise ProtocolError(errno.EINVAL, f"SET_IRQS {count} vectors, {len(fds)} fds")
+        for fd in fds:
+            if not _is_eventfd(fd):
+                raise ProtocolError(errno.EINVAL, f"SET_IRQS fd {fd} is not an eventfd")
+        for fd in fds:
+            # Shared with the client's copy (one open file description); QEMU's event
+            # notifiers are non-blocking already.
+            os.set_blocking(fd, False)
         new: list[int | None] = list(fds) if fds else [None] * count
         fds.clear()
         self._irq_assign(index, start, new)
@@ -530,6 +537,8 @@ class Session:
             self.irq_masked[index][vector] = True  # automasked until the client unmasks
         try:
             os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            pass  # the counter is saturated: the interrupt is pending already
         except OSError as e:
             log.warning("%s: IRQ %d/%d eventfd write failed: %s", self.name, index, vector, e)
 
@@ -649,6 +658,16 @@ def _region_access(body: bytes, fds: list[int], what: str) -> tuple[int, int, in
     if count > MAX_DATA_XFER_SIZE:
         raise ProtocolError(errno.E2BIG, f"{what} of {count} bytes")
     return offset, index, count
+
+
+def _is_eventfd(fd: int) -> bool:
+    """Whether `fd` is an eventfd: anything else (a pipe, a socket) could block the loop
+    on write or do something other than raise an interrupt."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+            return any(line.startswith(b"eventfd-count:") for line in info)
+    except OSError:
+        return False
 
 
 def _no_fds(fds: list[int], what: str) -> None:

@@ -107,3 +107,19 @@ class FakeIommu:
 
 def device_context(en_ats=True, en_pri=True, prpr=False):
     return SimpleNamespace(en_ats=en_ats, en_pri=en_pri, prpr=prpr)
+
+
+class RecordingFallback:
+    """A `GuestMemory.fallback` that records what reaches it (vfio-user's DMA messages
+    in a served function) and answers reads with zeros."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, bytes]] = []
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self.reads.append((gpa, length))
+        return bytes(length)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.writes.append((gpa, data))

@@ -1,7 +1,7 @@
 """Command queue: every command, every illegal form, IOFENCE.C, bounded processing (§4)."""
 
 import pytest
-from part2_double import RAM_BASE, FakeIommu
+from part2_double import RAM_BASE, FakeIommu, RecordingFallback
 
 from vfiouser_iommu.iommu.regs_layouts import CMD_ATS, CMD_IODIR, CMD_IOFENCE, CMD_IOTINVAL
 
@@ -221,6 +221,24 @@ def test_memory_fault_on_fetch_sets_cqmf(iommu):
     iommu.write(CQT, 1)
     assert iommu.read(CQCSR) & CQMF and iommu.read(CQH) == 0
     assert iommu.irqs == [0]
+
+
+def test_command_queue_outside_ram_sets_cqmf_even_with_a_fallback(iommu):
+    iommu.memory.fallback = fallback = RecordingFallback()
+    iommu.write(CQB, (0x1000 >> 12) << 10 | 3, 8)
+    iommu.write(CQCSR, 3)
+    iommu.write(CQT, 1)
+    assert iommu.read(CQCSR) & (CQMF | CMD_ILL) == CQMF and iommu.read(CQH) == 0
+    assert fallback.reads == [] and fallback.writes == []
+
+
+def test_iofence_data_write_outside_ram_goes_to_the_fallback(iommu):
+    """IOFENCE.C's data write may target MMIO (an IMSIC): it stays a fallback write."""
+    iommu.memory.fallback = fallback = RecordingFallback()
+    cq = Cq(iommu)
+    cq.submit(fence(AV=1, DATA=0x5, ADDR=0x2800_0000 >> 2))
+    assert cq.head == 1 and cq.csr & CQMF == 0
+    assert fallback.writes == [(0x2800_0000, (5).to_bytes(4, "little"))]
 
 
 def test_enable_clears_errors_and_head(iommu):

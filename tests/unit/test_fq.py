@@ -3,7 +3,7 @@
 import struct
 
 import pytest
-from part2_double import RAM_BASE, FakeFault, FakeIommu
+from part2_double import RAM_BASE, FakeFault, FakeIommu, RecordingFallback
 
 FQB, FQH, FQT, FQCSR, IPSR, FCTL = 0x28, 0x30, 0x34, 0x4C, 0x54, 0x08
 FQ_BASE = RAM_BASE + 0x20000
@@ -63,6 +63,16 @@ def test_memory_fault_sets_fqmf(iommu):
     iommu.report_fault(fault())
     assert iommu.read(FQCSR) & FQMF and iommu.read(FQT) == 0
     assert iommu.irqs == [0]
+
+
+def test_fault_queue_outside_ram_sets_fqmf_even_with_a_fallback(iommu):
+    """Served, writes outside the maps become DMA_WRITE messages; queue memory must be
+    RAM, so a fault queue over MMIO or a hole is a memory fault, not a posted record."""
+    iommu.memory.fallback = fallback = RecordingFallback()
+    start(iommu, base=0x1000)
+    iommu.report_fault(fault())
+    assert iommu.read(FQCSR) & FQMF and iommu.read(FQT) == 0
+    assert iommu.irqs == [0] and fallback.writes == [] and fallback.reads == []
 
 
 def test_nothing_written_while_off(iommu):

@@ -1,7 +1,7 @@
 """Page-request queue: records, auto-responses, faults, PRG responses (§3.2, §4.1.4)."""
 
 import pytest
-from part2_double import RAM_BASE, FakeIommu, device_context
+from part2_double import RAM_BASE, FakeIommu, RecordingFallback, device_context
 
 from vfiouser_iommu.iommu.regs_layouts import PAGE_REQUEST
 
@@ -94,6 +94,15 @@ def test_memory_fault_sets_pqmf_then_failure(iommu):
     request(iommu)
     assert iommu.read(PQCSR) & PQMF
     assert iommu.endpoint.responses == [(7, 0x12, FAILURE)]
+
+
+def test_page_request_queue_outside_ram_sets_pqmf_even_with_a_fallback(iommu):
+    iommu.memory.fallback = fallback = RecordingFallback()
+    start(iommu, base=0x1000)
+    request(iommu)
+    assert iommu.read(PQCSR) & PQMF and iommu.read(PQT) == 0
+    assert iommu.endpoint.responses == [(7, 0x12, FAILURE)]
+    assert fallback.writes == [] and fallback.reads == []
 
 
 def test_no_en_pri_invalid_request_and_fault(iommu):

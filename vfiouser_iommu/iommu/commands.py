@@ -2,9 +2,10 @@
 
 Software writes 16-byte commands and moves `cqt`; the IOMMU fetches from `cqh`,
 executes, and moves `cqh` past each completed command. A memory fault on the fetch
-sets `cqmf`; an illegal or unsupported command sets `cmd_ill`; an IOFENCE.C that finds
-an earlier ATS.INVAL timed out sets `cmd_to`. In each case `cqh` stays on the command
-and the queue stops until software clears the bit.
+(including a queue outside mapped RAM, see `queues.py`) sets `cqmf`; an illegal or
+unsupported command sets `cmd_ill`; an IOFENCE.C that finds an earlier ATS.INVAL timed
+out sets `cmd_to`. In each case `cqh` stays on the command and the queue stops until
+software clears the bit.
 
 Processing is bounded: `process(budget)` executes at most `budget` commands and
 returns, so a queue of thousands of commands never blocks the vfio-user loop for long.
@@ -173,6 +174,8 @@ class CommandQueue(QueueRegs):
         addr = self.entry_address(self.head)
         memory, be = self.regs.iommu.memory, self.big_endian
         try:
+            if not self.in_ram(addr, 16):
+                raise MemoryAccessError(addr, 16, "queue memory is not RAM")
             dw0 = memory.read_int(addr, 8, big_endian=be)
             dw1 = memory.read_int(addr + 8, 8, big_endian=be)
         except MemoryAccessError:

@@ -7,6 +7,12 @@ Spec v1.0.1 §3 (fault queue, page-request queue), §5.6–§5.17 (qb, qh, qt, q
 All queue state changes complete synchronously, so `busy` always reads 0 and `on`
 follows `en` at the end of the csr write. Writes to a queue base while the queue is on
 are ignored (the spec leaves them UNSPECIFIED; the queue keeps running where it was).
+
+Queue memory must be guest RAM, i.e. lie inside the DMA-mapped regions: an entry
+anywhere else is the queue's memory fault (cqmf/fqmf/pqmf), even though a served
+`GuestMemory` could post the write to the VMM as a DMA message. Records written to
+MMIO or a hole would otherwise vanish while the tail advanced. Only MSI writes and
+IOFENCE.C's data write, which may target MMIO such as an IMSIC, use that fallback.
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ class QueueRegs:
     def on(self) -> bool:
         return bool(self.csr & self.ON)
 
+    def in_ram(self, addr: int, size: int) -> bool:
+        """Whether a queue entry lies in mapped guest RAM (see the module docstring)."""
+        return self.regs.iommu.memory.contains(addr, size)
+
     def full(self) -> bool:
         return (self.tail + 1) & self.index_mask == self.head & self.index_mask
 
@@ -125,8 +135,11 @@ class ProducerQueue(QueueRegs):
         if self.full():
             self._error(self.OF)
             return False
+        addr = self.entry_address(self.tail)
         try:
-            self.regs.iommu.memory.write(self.entry_address(self.tail), record)
+            if not self.in_ram(addr, len(record)):
+                raise MemoryAccessError(addr, len(record), "queue memory is not RAM")
+            self.regs.iommu.memory.write(addr, record)
         except MemoryAccessError:
             self._error(self.MF)
             return False

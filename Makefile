@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # swig and the Python headers build pylibfdt; dpkg-deb and tar unpack the lab's packages;
 # the riscv64 cross compiler builds the guest tools (tests/bench's iobench).
-SYSTEM_PACKAGES := python3-venv python3-dev swig gcc make dpkg tar xz-utils \
+SYSTEM_PACKAGES := python3-venv python3-dev swig gcc make dpkg tar xz-utils libatomic1 \
                    gcc-riscv64-linux-gnu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/python -m pytest

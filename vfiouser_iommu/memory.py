@@ -15,6 +15,12 @@ write goes through and leaves the poison in place (only `unpoison` removes it), 
 keeps an injected error where the test put it. Poison is kept by guest-physical
 address, independently of which regions are mapped.
 
+`compare_exchange` is a host atomic compare-and-swap on the mapped buffer (GCC's
+libatomic through ctypes), because the guest's vCPUs (QEMU MTTCG threads) update the
+same page tables concurrently: the IOMMU's A/D updates must not overwrite a PTE that
+software changed between our read and our write. Without libatomic it degrades to a
+read-compare-write, atomic only with respect to this process (logged once).
+
 `DmaView` is what a device model gets for its DMA: identity here; the IOMMU provides a
 translating subclass (`RiscvIommu.dma_view`). Endpoints never know which one they have.
 Every DMA access says what it is (read, write) so the translating view can check
@@ -24,12 +30,54 @@ permissions.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
+import logging
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
 _LE = {n: struct.Struct("<" + c) for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
 _BE = {n: struct.Struct(">" + c) for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
+
+log = logging.getLogger(__name__)
+
+_SEQ_CST = 5  # __ATOMIC_SEQ_CST
+
+
+def _load_atomics() -> dict[int, tuple[object, type]]:
+    """libatomic's `__atomic_compare_exchange_N` for N = 1, 2, 4, 8, by size."""
+    name = ctypes.util.find_library("atomic")
+    if name is None:
+        return {}
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return {}
+    atomics = {}
+    for size, ctype in ((1, ctypes.c_uint8), (2, ctypes.c_uint16), (4, ctypes.c_uint32),
+                        (8, ctypes.c_uint64)):
+        fn = getattr(lib, f"__atomic_compare_exchange_{size}", None)
+        if fn is None:
+            continue
+        fn.restype = ctypes.c_bool
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctype, ctypes.c_int, ctypes.c_int]
+        atomics[size] = (fn, ctype)
+    return atomics
+
+
+_ATOMICS = _load_atomics()
+_warned_not_atomic = False
+
+
+def atomic_compare_exchange_available(size: int = 8) -> bool:
+    """Whether `GuestMemory.compare_exchange` of `size` bytes is a host atomic."""
+    return size in _ATOMICS
+
+
+def _swap(value: int, size: int) -> int:
+    return int.from_bytes(value.to_bytes(size, "big"), "little")
 
 
 class MemoryAccessError(Exception):
@@ -265,10 +313,38 @@ class GuestMemory:
                          big_endian: bool = False) -> int:
         """Write `new` if the value is `expected`; return the value found.
 
-        Pure Python cannot issue a host atomic on shared memory, so this is a
-        read-compare-write that is atomic only with respect to this process. The
-        C fast path provides the real compare-and-swap.
+        On a writable region this is one sequentially consistent host compare-and-swap
+        (libatomic), atomic with respect to every thread and process sharing the
+        memory. The word must be naturally aligned in host memory (PTEs are), else
+        `MemoryAccessError`. Read-only regions, addresses served by the fallback and
+        hosts without libatomic get a read-compare-write, atomic only with respect to
+        this process. A poisoned word raises `MemoryPoisonError` (the read half).
         """
+        if self._poison:
+            self._check_poison(gpa, size)
+        r = self._find(gpa, size)
+        atomic = _ATOMICS.get(size)
+        if r is None or not r.writable or atomic is None:
+            return self._compare_exchange_python(gpa, size, expected, new, big_endian)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(r.buffer, gpa - r.gpa))
+        if address % size:
+            raise MemoryAccessError(gpa, size, "misaligned atomic")
+        mask = (1 << (8 * size)) - 1
+        expected, new = expected & mask, new & mask
+        if big_endian != (sys.byteorder == "big"):
+            expected, new = _swap(expected, size), _swap(new, size)
+        fn, ctype = atomic
+        found = ctype(expected)
+        fn(address, ctypes.byref(found), new, _SEQ_CST, _SEQ_CST)
+        old = found.value
+        return _swap(old, size) if big_endian != (sys.byteorder == "big") else old
+
+    def _compare_exchange_python(self, gpa: int, size: int, expected: int, new: int,
+                                 big_endian: bool) -> int:
+        global _warned_not_atomic
+        if size not in _ATOMICS and not _warned_not_atomic:
+            _warned_not_atomic = True
+            log.warning("no libatomic: A/D updates are not atomic against the guest's CPUs")
         old = self.read_int(gpa, size, big_endian=big_endian)
         if old == expected:
             self.write_int(gpa, size, new, big_endian=big_endian)

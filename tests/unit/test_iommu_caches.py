@@ -177,10 +177,23 @@ op = st.one_of(
 )
 
 
-class World:
-    """One guest memory with a cached and an uncached IOMMU over it."""
+SUPERPAGE_VA = 0x4020_0000    # a 2 MiB first-stage leaf onto target pages 512..1023
+FILE_TARGET = 5               # with msi, targets 4, 5, 516, 517 are interrupt files
+MSI_MASK = 1 | 1 << 9
+IMSIC = RAM_BASE + (2 << 20)
 
-    def __init__(self, nested: bool):
+
+class World:
+    """One guest memory with a cached and an uncached IOMMU over it.
+
+    Probe pages 0..N_PAGES-1 are 4 KiB first-stage pages the ops remap onto targets
+    0..31; pages N_PAGES.. lie in a 2 MiB first-stage superpage onto targets 512..1023
+    (nested: over a 2 MiB G-stage leaf). With `msi`, the DC has a flat MSI page table
+    whose interrupt files are targets 4 and 516 (MSI PTE V=0) and 5 and 517 (basic):
+    the superpage holds interrupt-file pages and ordinary ones.
+    """
+
+    def __init__(self, nested: bool, msi: bool = False):
         self.cached, self.b, self.root = make_iommu()
         self.plain = RiscvIommu(self.cached.memory, NO_CACHE)
         self.plain.ddtp, self.plain.fctl = self.cached.ddtp, self.cached.fctl
@@ -194,21 +207,35 @@ class World:
         else:
             self.fb = b
         self.fs_root = self.fb.root(SV39)
+        if nested:
+            b.map(SV39X4, self.groot, self.target(512), RAM_BASE + self.target(512), MIB2)
+        self.fb.map(SV39, self.fs_root, SUPERPAGE_VA, self.target(512), MIB2)
         self.pscid = [PSCID, PSCID + 1]
+        self.msiptp = 0
+        if msi:
+            msipt = b.alloc()
+            for index in (1, 3):
+                b.write64(msipt + 16 * index, 1 | 3 << 1 | (IMSIC >> 12) << 10)
+            self.msiptp = atp(1, msipt >> 12)
         self.write_dc(0)
+
+    def target(self, t: int) -> int:
+        """First-stage output (GPA) of target page t."""
+        return 0x100_0000 + t * 4096 + (0 if self.nested else RAM_BASE)
 
     def write_dc(self, which: int) -> None:
         self.b.set_dc(self.root, 3, DID, 64, ta=self.pscid[which] << 12,
                       fsc=atp(8, self.fs_root >> 12),
-                      iohgatp=atp(8, self.groot >> 12, GSCID) if self.nested else 0)
+                      iohgatp=atp(8, self.groot >> 12, GSCID) if self.nested else 0,
+                      msiptp=self.msiptp, msi_mask=MSI_MASK,
+                      msi_pattern=self.target(FILE_TARGET) >> 12)
 
     def apply(self, kind, page, target, flags) -> None:
         va = 0x4000_0000 + page * 4096
         if kind == "fs":
-            gpa = 0x100_0000 + target * 4096
-            slot = self.fb.map(SV39, self.fs_root, va, gpa if self.nested else DATA + gpa)
-            self.fb.write_pte(slot, ((gpa if self.nested else DATA + gpa) >> 12) << 10 | flags,
-                              8)
+            gpa = self.target(target)
+            slot = self.fb.map(SV39, self.fs_root, va, gpa)
+            self.fb.write_pte(slot, (gpa >> 12) << 10 | flags, 8)
         elif kind == "gs" and self.nested:
             gpa = 0x100_0000 + page * 4096
             slot = self.b.map(SV39X4, self.groot, gpa, DATA + target * 4096)
@@ -231,32 +258,34 @@ class World:
                 iommu.invalidate_gvma(True, GSCID, False, 0)
 
     def both(self, page: int, access: Access):
-        r = req(0x4000_0000 + page * 4096 + 8, access)
+        va = 0x4000_0000 + page * 4096 if page < N_PAGES else \
+            SUPERPAGE_VA + (page - N_PAGES) * 4096
+        r = req(va + 8, access)
         return self.cached.translate(r), self.plain.translate(r)
 
 
-@settings(max_examples=40, deadline=None)
-@given(nested=st.booleans(), ops=st.lists(op, max_size=12),
-       probes=st.lists(st.tuples(st.integers(0, N_PAGES - 1),
+@settings(max_examples=60, deadline=None)
+@given(nested=st.booleans(), msi=st.booleans(), ops=st.lists(op, max_size=12),
+       probes=st.lists(st.tuples(st.integers(0, 2 * N_PAGES - 1),
                                  st.sampled_from([Access.READ, Access.WRITE])), min_size=1,
                        max_size=6))
-def test_cached_equals_uncached_with_invalidation(nested, ops, probes):
-    world = World(nested)
-    for o in ops:
-        for page, access in probes:
-            world.both(page, access)
-        world.apply(*o)
-        world.invalidate(*o)
+def test_cached_equals_uncached_with_invalidation(nested, msi, ops, probes):
+    world = World(nested, msi)
+    for o in [None, *ops]:
+        if o is not None:
+            world.apply(*o)
+            world.invalidate(*o)
         for page, access in probes:
             cached, plain = world.both(page, access)
             assert cached == plain
 
 
 @settings(max_examples=40, deadline=None)
-@given(nested=st.booleans(), ops=st.lists(op, min_size=1, max_size=8),
-       page=st.integers(0, N_PAGES - 1), access=st.sampled_from([Access.READ, Access.WRITE]))
-def test_without_invalidation_old_or_new_never_anything_else(nested, ops, page, access):
-    world = World(nested)
+@given(nested=st.booleans(), msi=st.booleans(), ops=st.lists(op, min_size=1, max_size=8),
+       page=st.integers(0, 2 * N_PAGES - 1),
+       access=st.sampled_from([Access.READ, Access.WRITE]))
+def test_without_invalidation_old_or_new_never_anything_else(nested, msi, ops, page, access):
+    world = World(nested, msi)
     for o in ops:
         before = world.both(page, access)[1]
         world.apply(*o)

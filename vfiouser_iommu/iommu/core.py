@@ -15,7 +15,7 @@ spec leaves one.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vfiouser_iommu.iommu import ats, msi
 from vfiouser_iommu.iommu.caches import TlbEntry, TranslationCaches
@@ -301,17 +301,46 @@ class RiscvIommu:
         iova = ctx.request.iova
         if ctx.fs_mode is None and ctx.gs_mode is None:
             hit = msi.translate_msi(self, ctx, iova)
-            return hit if hit is not None else Translation(iova, BARE_PAGE_SIZE, x=True)
+            if hit is not None:
+                return hit
+            size = BARE_PAGE_SIZE
+            if msi.flat(self, ctx.dc):
+                size = msi.unshadowed_size(ctx.dc, iova, size)
+            return Translation(iova, size, x=True)
         space = (ctx.gscid, ctx.pscid)
         caches = self.caches
         entry = caches.iotlb.lookup(space, iova)
         if entry is not None and self._entry_permits(ctx, entry):
-            caches.stats.hits["iotlb"] += 1
-            return _translation(entry, iova)
+            if not msi.flat(self, ctx.dc):
+                caches.stats.hits["iotlb"] += 1
+                return _translation(entry, iova)
+            hit = self._msi_flat_hit(ctx, entry, iova)
+            if hit is not None:
+                caches.stats.hits["iotlb"] += 1
+                return hit
         caches.stats.misses["iotlb"] += 1
         self.count_event(HpmEvent.IOTLB_MISS, ctx.request.device_id, ctx.request.process_id,
                          ctx.gscid, ctx.pscid)
         return self._walk_and_fill(ctx, space)
+
+    @staticmethod
+    def _msi_flat_hit(ctx: StageContext, entry: TlbEntry, iova: int) -> Translation | None:
+        """An IOTLB hit for a DC whose msiptp is Flat; None if it must be re-walked.
+
+        The IOTLB is tagged by GSCID/PSCID, not by the DC's MSI address pattern, so an
+        entry may have been filled by a device with other (or no) interrupt files: the
+        hit's GPA is checked here, and an interrupt-file GPA goes to the MSI path (as a
+        miss, since MSI translations are never put in the IOTLB). The reported page size
+        is cut so that the region does not hold an interrupt file of this DC either.
+        """
+        offset = iova & (entry.size - 1)
+        gpa = (entry.gpa_base if entry.gpa_base is not None else entry.out_base) | offset
+        dc = ctx.dc
+        if msi.is_interrupt_file(gpa, dc.msi_mask, dc.msi_pattern):
+            return None
+        t = _translation(entry, iova)
+        size = msi.unshadowed_size(dc, gpa, entry.size)
+        return t if size == entry.size else replace(t, page_size=size)
 
     def _entry_permits(self, ctx: StageContext, entry: TlbEntry) -> bool:
         write = ctx.access is Access.WRITE
@@ -333,6 +362,9 @@ class RiscvIommu:
             gs_leaf = self._g_translate(ctx, gpa, ctx.access, implicit=False)
         spa = gs_leaf.output(gpa) if gs_leaf is not None else gpa
         size = min(leaf.size for leaf in (fs_leaf, gs_leaf) if leaf is not None)
+        if msi.flat(self, ctx.dc):
+            # Cache only the part without interrupt files (see msi.unshadowed_size).
+            size = msi.unshadowed_size(ctx.dc, gpa, size)
         offset = iova & (size - 1)
         entry = TlbEntry(
             ctx.gscid, ctx.pscid, iova - offset, size, spa - offset,

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vfiouser_iommu.iommu.directory import MSIPTP_FLAT, PPN_MASK, read_table_word
+from vfiouser_iommu.iommu.directory import (
+    MSIPTP_FLAT,
+    PPN_MASK,
+    DeviceContext,
+    read_table_word,
+)
 from vfiouser_iommu.iommu.faults import Cause, Stop
 from vfiouser_iommu.iommu.request import Access, MrifTarget, Request, Translation
 from vfiouser_iommu.memory import MemoryAccessError, MemoryPoisonError
@@ -45,6 +50,36 @@ def extract_bits(value: int, mask: int) -> int:
 def is_interrupt_file(gpa: int, mask: int, pattern: int) -> bool:
     page = gpa >> 12
     return (page & ~mask) == (pattern & ~mask)
+
+
+def flat(iommu: RiscvIommu, dc: DeviceContext) -> bool:
+    """Whether MSI address translation applies to `dc` (msiptp.MODE Flat)."""
+    return dc.msiptp >> 60 == MSIPTP_FLAT and iommu.config.msi_flat
+
+
+def holds_interrupt_file(gpa_base: int, size: int, mask: int, pattern: int) -> bool:
+    """Whether the naturally aligned GPA range [gpa_base, gpa_base + size) holds an
+    interrupt-file page: the page-number bits above the range's own must match the
+    pattern wherever the mask does not free them."""
+    span = (size >> 12) - 1
+    return not ((gpa_base >> 12) ^ pattern) & ~mask & ~span
+
+
+def unshadowed_size(dc: DeviceContext, gpa: int, size: int) -> int:
+    """The page size to report for the non-interrupt-file `gpa` inside a naturally
+    aligned translation of `size`, so that no reported page holds an interrupt file.
+
+    An interrupt-file access must reach the MSI page table (§3.3 step 18), so a caller
+    splitting a DMA at reported page boundaries, or an IOTLB entry, must never carry it
+    past. Only the standard sizes (`size`, 2 MiB, 4 KiB) are tried: the IOTLB probes
+    once per page size present, so odd sizes would slow every lookup.
+    """
+    mask, pattern = dc.msi_mask, dc.msi_pattern
+    for candidate in (size, 1 << 21):
+        if candidate <= size and not holds_interrupt_file(gpa & ~(candidate - 1), candidate,
+                                                          mask, pattern):
+            return candidate
+    return 1 << 12
 
 
 def msi_pte_misconfigured(dw0: int, dw1: int, msi_mrif: bool) -> bool:
@@ -83,7 +118,7 @@ def _fetch_msi_pte(iommu: RiscvIommu, ctx: StageContext, index: int,
 def translate_msi(iommu: RiscvIommu, ctx: StageContext, gpa: int) -> Translation | None:
     """§3.3 step 18 on GPA `gpa`: None when it is not an interrupt-file page."""
     dc = ctx.dc
-    if not iommu.config.msi_flat or dc.msiptp_mode != MSIPTP_FLAT:
+    if not flat(iommu, dc):
         return None
     mask, pattern = dc.msi_mask, dc.msi_pattern
     if not is_interrupt_file(gpa, mask, pattern):

@@ -3,6 +3,7 @@
 import errno
 import os
 
+import pytest
 from served import RAM_BASE, RAM_SIZE, open_fds
 
 from vfiouser_iommu.vfio_user import wire
@@ -51,9 +52,19 @@ def test_read_only_map_refuses_device_writes(dev, ram):
 
 
 def test_map_without_fd_is_remembered_but_not_addressable(dev):
+    """Like QEMU's mask ROM: recorded (overlaps are EEXIST) but only reachable through
+    DMA messages, which a synchronous read cannot use."""
+    from vfiouser_iommu.memory import MemoryAccessError
+
     s, function, client = dev
     client.dma_map(0x1000, 0xF000)
+    s.sync()
+    mapping = function.host.session.dma_maps.mappings[0x1000]
+    assert (mapping.addr, mapping.size, mapping.flags, mapping.region) == (0x1000, 0xF000, RW,
+                                                                           None)
     assert not function.memory.contains(0x1000)
+    with pytest.raises(MemoryAccessError):
+        function.memory.read(0x1000, 4)
     assert _map(client, 0x2000, 0x1000) == errno.EEXIST
 
 

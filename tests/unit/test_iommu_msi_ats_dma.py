@@ -3,6 +3,8 @@ Translation completions, PCIe messages, and the IOMMU-backed DmaView."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from iommu_tables import LEAF_RW, RAM_BASE, atp, make_iommu
 
@@ -187,7 +189,28 @@ def test_translated_request_with_t2gpa_goes_through_g_stage():
                                 kind=RequestKind.TRANSLATED))
     assert t.address == DATA + 0x10
     t = iommu.translate(ats(0x1_0010, Access.WRITE))
-    assert t.address == DATA and t.gpa == 0x1_0010
+    assert (t.address, t.page_size, t.w) == (0x1_0000, 4096, True)   # the GPA (T2GPA=1)
+
+
+@pytest.mark.parametrize("iova,gpa,size", [(0x4000_5000, 0x20_3000, 4096),
+                                            (0x4020_0000, 0x20_0000, 2 << 20)])
+def test_ats_with_t2gpa_completes_with_the_gpa_that_translated_requests_use(iova, gpa, size):
+    iommu, b, root = make_iommu()
+    groot = b.root(SV39X4)
+    for g in range(0, 16 << 20, 2 << 20):                 # GPA g -> SPA RAM_BASE + g
+        b.map(SV39X4, groot, g, RAM_BASE + g, 2 << 20)
+    gb = replace(b, offset=RAM_BASE)
+    fs_root = gb.root(SV39)
+    gb.map(SV39, fs_root, iova, gpa, size)                # IOVA -> GPA (first stage)
+    b.set_dc(root, 3, DID, 64, tc=1 | 2 | 8, iohgatp=atp(8, groot >> 12, 9),
+             fsc=atp(8, fs_root >> 12))
+    completion = iommu.translate(ats(iova + 0x123, Access.WRITE))
+    assert (completion.address, completion.page_size, completion.r, completion.w) == \
+        (gpa, size, True, True)
+    # The device's ATC now issues a Translated request at the completion's address.
+    t = iommu.translate(Request(DID, None, completion.address + 0x123, Access.WRITE,
+                                kind=RequestKind.TRANSLATED))
+    assert t.address == RAM_BASE + gpa + 0x123
 
 
 def test_pcie_messages():

@@ -10,6 +10,8 @@ NW=0, execute when Exe is requested with a PASID). Its completion, per §3.6:
 * Success with R=W=0 and *no* fault for page faults, guest page faults, 262 and 266,
   and for permission denials (a requested write that is not allowed only clears W).
 
+With DC.tc.T2GPA=1 a Success completion carries the GPA, not the SPA.
+
 The result is a `Translation` for Success (R=W=0 when nothing is granted) and a `Fault`
 for UR/CA; `completion_status(fault)` names which.
 """
@@ -50,29 +52,38 @@ def translate_ats(iommu: RiscvIommu, request: Request) -> Translation | Fault:
     exe = request.access is Access.EXECUTE and request.process_id is not None
     first = Access.WRITE if want_write else Access.READ
     try:
-        result = _attempt(iommu, request, first)
+        dc = iommu._device_context(request)
+        result = _attempt(iommu, request, dc, first)
         if result is None and want_write:
-            result = _attempt(iommu, request, Access.READ)
+            result = _attempt(iommu, request, dc, Access.READ)
     except Stop as stop:
         return iommu.fault(request, stop)
     if result is None:
         return Translation(request.iova & ~0xFFF, 1 << 12, r=False, w=False)
-    return _completion(request, result, want_write, exe)
+    return _completion(request, result, want_write, exe, dc.t2gpa)
 
 
-def _attempt(iommu: RiscvIommu, request: Request, access: Access) -> Translation | None:
+def _attempt(iommu: RiscvIommu, request: Request, dc: DeviceContext,
+             access: Access) -> Translation | None:
     """One translation try; None for the "Success without permission" causes."""
     try:
-        return iommu.translate_or_stop(replace(request, access=access))
+        return iommu.translate_in_context(replace(request, access=access), dc)
     except Stop as stop:
         if stop.cause in SUCCESS_WITHOUT_PERMISSION:
             return None
         raise
 
 
-def _completion(request: Request, t: Translation, want_write: bool,
-                exe: bool) -> Translation:
-    base = t.address & ~(t.page_size - 1)
+def _completion(request: Request, t: Translation, want_write: bool, exe: bool,
+                t2gpa: bool) -> Translation:
+    """The Success completion of translation `t`.
+
+    With DC.tc.T2GPA=1 the permissions and size come from both stages but the address
+    is the GPA (DC.tc T2GPA, §3.1.3.1): the device's Translated requests then carry
+    that GPA and are G-stage translated (and MSI translated) again.
+    """
+    address = t.gpa if t2gpa and t.gpa is not None else t.address
+    base = address & ~(t.page_size - 1)
     if t.mrif is not None:
         return replace(t, address=base, r=True, w=True, x=False, u=True, g=False)
     return replace(t, address=base, r=True, w=want_write and t.w, x=exe and t.x,

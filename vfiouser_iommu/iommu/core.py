@@ -235,7 +235,10 @@ class RiscvIommu:
         """§3.3 steps 1-20; raises `Stop` (with `dtf` filled in) on a fault."""
         if self.ddtp & 0xF == MODE_BARE and request.kind is RequestKind.UNTRANSLATED:
             return Translation(request.iova, BARE_PAGE_SIZE, x=True)
-        dc = self._device_context(request)
+        return self.translate_in_context(request, self._device_context(request))
+
+    def translate_in_context(self, request: Request, dc: DeviceContext) -> Translation:
+        """§3.3 steps 7-20 for a request whose device context `dc` is already known."""
         try:
             return self._translate_with_dc(request, dc)
         except Stop as stop:

@@ -24,6 +24,7 @@ from vfiouser_iommu.endpoints.virtio.pci import (
 )
 from vfiouser_iommu.endpoints.virtio.testing import FakeHost, VirtioPciDriver
 from vfiouser_iommu.endpoints.virtio.virtqueue import VIRTIO_MSI_NO_VECTOR
+from vfiouser_iommu.memory import DmaView
 from vfiouser_iommu.pci.function import IRQ_INTX, IRQ_MSIX
 
 RAM = 0x8000_0000
@@ -329,3 +330,41 @@ def test_needs_reset_survives_driver_status_writes(rig):
     drv.set_status(drv.status & ~DEVICE_NEEDS_RESET)
     assert drv.status & DEVICE_NEEDS_RESET
     assert drv.status & (FEATURES_OK | DRIVER_OK) == FEATURES_OK | DRIVER_OK
+
+
+# -- hot path: what one batch costs --------------------------------------------------------------
+class CountingView(DmaView):
+    """Identity DMA that counts reads of one address (the avail ring's idx)."""
+
+    def __init__(self, memory, watched: int) -> None:
+        super().__init__(memory)
+        self.watched, self.reads = watched, 0
+
+    def read(self, addr: int, length: int) -> bytes:
+        self.reads += addr <= self.watched < addr + length
+        return super().read(addr, length)
+
+
+@pytest.mark.parametrize("event_idx,reads", [(False, 1), (True, 2)])
+def test_a_batch_reads_avail_idx_once(rig, event_idx, reads):
+    """Once per batch; with EVENT_IDX once more after publishing avail_event, since a
+    chain made available before the driver saw it was not notified."""
+    fn, host, drv = rig
+    features = drv.device_features()
+    features = features if event_idx else features & ~(1 << VIRTIO_F_EVENT_IDX)
+    ready(drv, features=features)
+    for i in range(10):
+        drv.add_chain(0, [(DATA + 16 * i, 16, True)])
+    view = CountingView(fn.memory, drv.queues[0].avail + 2)
+    fn.set_dma_view(view)
+    drv.notify(0)
+    host.run()
+    assert drv.used_idx(0) == 10 and view.reads == reads
+
+
+def test_bar0_dispatch_tables_are_built_once(rig, monkeypatch):
+    fn, _, drv = rig
+    monkeypatch.setattr(VirtioPciFunction, "_read_handlers", None)
+    monkeypatch.setattr(VirtioPciFunction, "_write_handlers", None)
+    drv.write("device_status", 1, 1)
+    assert drv.status == 1

@@ -222,3 +222,25 @@ def test_random_rings_never_raise(table, indirect, ring, avail_idx):
     drv.mem.write_u16(q.avail + 2, avail_idx)
     run(host, drv)
     assert drv.used_idx(0) <= QSIZE or drv.status & DEVICE_NEEDS_RESET
+
+
+def test_pop_reads_avail_idx_only_when_the_known_chains_are_used_up():
+    class Counting(DmaView):
+        reads = 0
+
+        def read(self, addr, length):
+            Counting.reads += addr <= AVAIL + 2 < addr + length
+            return super().read(addr, length)
+
+    AVAIL, DESC, USED = RAM, RAM + 0x1000, RAM + 0x2000
+    mem = GuestMemory.ram(RAM, 0x4000)
+    vq = SplitVirtqueue(0, QSIZE)
+    vq.desc, vq.driver, vq.device = DESC, AVAIL, USED
+    for i in range(5):
+        mem.write(DESC + 16 * i, VIRTQ_DESC.pack(DATA, 8, WRITE, 0))
+        mem.write_u16(AVAIL + 4 + 2 * i, i)
+    mem.write_u16(AVAIL + 2, 5)
+    dma = Counting(mem)
+    assert [vq.pop(dma, indirect=False).head for _ in range(5)] == list(range(5))
+    assert Counting.reads == 1
+    assert vq.pop(dma, indirect=False) is None and Counting.reads == 2

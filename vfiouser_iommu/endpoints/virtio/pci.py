@@ -112,6 +112,8 @@ class VirtioPciFunction(PciFunction):
         self.name = device.name
         self._add_capabilities()
         self._scheduled = False
+        self._mmio_reads = self._read_handlers()
+        self._mmio_writes = self._write_handlers()
         self.on_reset()
 
     def _add_capabilities(self) -> None:
@@ -164,14 +166,14 @@ class VirtioPciFunction(PciFunction):
         if bar != BAR_STRUCTURES:
             return 0
         base = offset & ~(STRUCTURE_SIZE - 1)
-        handler = self._read_handlers().get(base)
+        handler = self._mmio_reads.get(base)
         return handler(offset - base, size) if handler else 0
 
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
         if bar != BAR_STRUCTURES:
             return
         base = offset & ~(STRUCTURE_SIZE - 1)
-        handler = self._write_handlers().get(base)
+        handler = self._mmio_writes.get(base)
         if handler:
             handler(offset - base, size, value)
 
@@ -326,15 +328,19 @@ class VirtioPciFunction(PciFunction):
     def _serve(self, vq: SplitVirtqueue) -> bool:
         old_used = vq.used_idx
         event_idx = self._negotiated(VIRTIO_F_EVENT_IDX)
+        indirect = self._negotiated(VIRTIO_F_INDIRECT_DESC)
         try:
-            for _ in range(STEP_BUDGET):
-                chain = vq.pop(self.dma, indirect=self._negotiated(VIRTIO_F_INDIRECT_DESC))
-                if chain is None:
-                    break
+            for _ in range(min(vq.pending(self.dma), STEP_BUDGET)):
+                chain = vq.pop(self.dma, indirect=indirect)
                 vq.push(self.dma, chain.head, self.device.handle(vq.index, chain, self.dma))
             if event_idx:
                 vq.set_avail_event(self.dma)
-            more = vq.pending(self.dma) > 0
+                # A chain published before the driver saw the new avail_event was not
+                # notified (section 2.7.10): look again.
+                more = vq.pending(self.dma) > 0
+            else:
+                # Without EVENT_IDX every later chain comes with a notification.
+                more = vq.known_pending > 0
             if vq.needs_interrupt(self.dma, old_used, event_idx=event_idx):
                 self._interrupt(vq.msix_vector, ISR_QUEUE)
         except (DmaError, VirtqueueError, DeviceNeedsReset) as e:

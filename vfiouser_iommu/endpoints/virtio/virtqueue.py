@@ -5,6 +5,11 @@ three ring addresses, enable, MSI-X vector) and the device's own progress
 (`last_avail_idx`, `used_idx`). `pop` walks one descriptor chain, direct or indirect
 (section 2.7.5.3), into a `DescriptorChain`; `push` returns it through the used ring.
 
+`avail_idx` remembers the avail ring's idx as last read (`pending`): every chain below
+it is published (the driver writes ring entries before idx, section 2.7.13.3), so
+`pop` takes those without another translated read and reads idx again only when they
+are used up.
+
 Every access goes through the function's `DmaView`, so a faulting ring raises
 `DmaError`. A chain the driver built wrongly (an index out of range, a loop, a chain
 longer than the queue, a readable descriptor after a writable one, a nested or
@@ -97,6 +102,7 @@ class SplitVirtqueue:
         self.driver = 0
         self.device = 0
         self.last_avail_idx = 0
+        self.avail_idx = 0
         self.used_idx = 0
 
     # -- ring addresses (section 2.7) --------------------------------------------------------
@@ -117,15 +123,28 @@ class SplitVirtqueue:
 
     # -- the driver's side, read ----------------------------------------------------------------
     def pending(self, dma: DmaView) -> int:
-        """How many chains the driver has made available that we have not taken."""
-        count = (dma.read_int(self._avail_idx_addr(), 2) - self.last_avail_idx) & 0xFFFF
+        """How many chains the driver has made available that we have not taken.
+
+        Reads avail.idx and remembers it in `avail_idx`.
+        """
+        avail_idx = dma.read_int(self._avail_idx_addr(), 2)
+        count = (avail_idx - self.last_avail_idx) & 0xFFFF
         if count > self.size:
             raise VirtqueueError(f"queue {self.index}: avail idx is {count} entries ahead")
+        self.avail_idx = avail_idx
         return count
 
+    @property
+    def known_pending(self) -> int:
+        """The chains available as of the last read of avail.idx, not taken yet (no DMA)."""
+        return (self.avail_idx - self.last_avail_idx) & 0xFFFF
+
     def pop(self, dma: DmaView, *, indirect: bool) -> DescriptorChain | None:
-        """Take the next available chain, or None; `indirect`: INDIRECT_DESC negotiated."""
-        if not self.pending(dma):
+        """Take the next available chain, or None; `indirect`: INDIRECT_DESC negotiated.
+
+        avail.idx is read only when the chains known from its last read are used up.
+        """
+        if not self.known_pending and not self.pending(dma):
             return None
         slot = self.last_avail_idx % self.size
         head = dma.read_int(self._avail_ring_addr(slot), 2)

@@ -216,7 +216,9 @@ def test_poisoned_nested_first_stage_pte_is_274_and_dtf_suppresses_it():
     assert not iommu.recent_faults
 
 
-def test_pdt_access_whose_g_stage_pte_is_poisoned_is_274():
+def test_pdt_access_whose_g_stage_pte_is_poisoned_is_269():
+    # §3.3.2: data corruption in the second-stage accesses of a PDT walk is "PDT data
+    # corruption", as a second-stage access fault there is "PDT entry load access fault".
     iommu, b, gb, fs_root, g_leaves, root, groot = _nested()
     pdt = gb.alloc()
     gb.map(SV39, fs_root, 0x5000, 0x20_0000)
@@ -227,7 +229,7 @@ def test_pdt_access_whose_g_stage_pte_is_poisoned_is_274():
     iommu.memory.poison(g_leaves[pdt & ~(MIB2 - 1)], 8)
     iommu.invalidate_gvma(False, 0, False, 0)
     iommu.invalidate_ddt(False, 0)
-    assert iommu.translate(req(0x5000, pid=PID)) == fault(274, 2, 0x5000, pid=PID)
+    assert iommu.translate(req(0x5000, pid=PID)) == fault(269, 2, 0x5000, pid=PID)
     iommu.memory.unpoison(0, 1 << 40)
     iommu.memory.poison(pdt + GPA_OFF + PID * 16, 16)     # the PC itself: 269
     assert iommu.translate(req(0x5000, pid=PID)) == fault(269, 2, 0x5000, pid=PID)

@@ -452,15 +452,20 @@ class RiscvIommu:
                          ctx.gscid, ctx.pscid)
         mode = ctx.gs_mode
         be = self.big_endian
-        # A PDT access faulting in the G-stage's own tables is a PDT load access fault.
-        fault_cause = Cause.PDT_LOAD_ACCESS_FAULT if pdt else ACCESS_FAULT[ctx.access]
+        # §3.3.2: the G-stage accesses of a PDT walk report an access fault as 265 and
+        # poisoned data as 269 (the PDT causes), not as 5 / 274.
+        if pdt:
+            fault_cause, corruption = Cause.PDT_LOAD_ACCESS_FAULT, Cause.PDT_DATA_CORRUPTION
+        else:
+            fault_cause, corruption = ACCESS_FAULT[ctx.access], Cause.PT_DATA_CORRUPTION
 
         def load(addr: int) -> int:
             return read_table_word(self.memory, self.config.pas, addr, mode.pte_size, be,
-                                   fault_cause, Cause.PT_DATA_CORRUPTION)
+                                   fault_cause, corruption)
 
         def store(addr: int, old: int, new: int) -> int:
-            return self._compare_exchange(addr, mode.pte_size, old, new, be, fault_cause)
+            return self._compare_exchange(addr, mode.pte_size, old, new, be, fault_cause,
+                                          corruption)
 
         def fail() -> None:
             raise Stop(GUEST_PAGE_FAULT[ctx.access], iotval2)
@@ -470,17 +475,18 @@ class RiscvIommu:
                     write=access is Access.WRITE, svpbmt=self.config.svpbmt)
 
     def _compare_exchange(self, addr: int, size: int, old: int, new: int, be: bool,
-                          cause: int) -> int:
+                          cause: int, corruption: int = Cause.PT_DATA_CORRUPTION) -> int:
         """The A/D update's atomic compare-and-swap on guest memory.
 
-        Its read half returning poisoned data is a page-table data corruption (274).
+        Its read half returning poisoned data is `corruption`: a page-table data
+        corruption (274), or 269 for the G-stage tables of a PDT access.
         """
         if addr + size > 1 << self.config.pas or not self.memory.contains(addr, size):
             raise Stop(cause)
         try:
             return self.memory.compare_exchange(addr, size, old, new, big_endian=be)
         except MemoryPoisonError:
-            raise Stop(Cause.PT_DATA_CORRUPTION) from None
+            raise Stop(corruption) from None
         except MemoryAccessError:
             raise Stop(cause) from None
 

@@ -87,7 +87,7 @@ GUEST_PAGE_FAULT = {Access.READ: Cause.READ_GUEST_PAGE_FAULT,
 #: The data-corruption cause of a table read, by the cause its access fault would have
 #: (§4.2; "poisoned data" in the §3.3 steps): DDT 257 -> 268, PDT 265 -> 269, MSI PT
 #: 261 -> 270, first/second-stage PT (access faults 1/5/7) -> 274. The G-stage tables
-#: reached for a PDT access are page tables: the caller names 274 for them.
+#: reached for a PDT access fault as the PDT does (§3.3.2): 265, and poison 269.
 DATA_CORRUPTION = {
     Cause.DDT_LOAD_ACCESS_FAULT: Cause.DDT_DATA_CORRUPTION,
     Cause.PDT_LOAD_ACCESS_FAULT: Cause.PDT_DATA_CORRUPTION,

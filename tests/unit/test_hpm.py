@@ -92,6 +92,26 @@ def test_inhibit(fake):
     assert fake.read(ctr(2), 8) == 1
 
 
+def test_programmed_counter_index_follows_evt_inh_and_reset(fake):
+    hpm = fake.regs.hpm
+    assert hpm.programmed(HpmEvent.IOTLB_MISS) == ()        # nothing programmed
+    program(fake, 2, eventID=HpmEvent.IOTLB_MISS)
+    program(fake, 5, eventID=HpmEvent.IOTLB_MISS, DV_GSCV=1, DID_GSCID=3)
+    program(fake, 7, eventID=HpmEvent.DDT_WALK)
+    assert hpm.programmed(HpmEvent.IOTLB_MISS) == (1, 4)    # 0-based counter indexes
+    fake.write(IOCOUNTINH, 0b100)                           # inhibit iohpmctr2
+    assert hpm.programmed(HpmEvent.IOTLB_MISS) == (4,)
+    program(fake, 5, eventID=9)                             # WARL: reads back 0, no event
+    assert hpm.programmed(HpmEvent.IOTLB_MISS) == () and hpm.programmed(0) == ()
+    fake.write(IOCOUNTINH, 0)
+    fake.count_event(HpmEvent.IOTLB_MISS, 3, None, None, None)
+    assert fake.read(ctr(2), 8) == 1 and fake.read(ctr(5), 8) == 0
+    fake.write(evt(7) + 4, 0)                               # high half only: event kept
+    assert hpm.programmed(HpmEvent.DDT_WALK) == (6,)
+    hpm.reset()
+    assert hpm.programmed(HpmEvent.IOTLB_MISS) == () and hpm.programmed(HpmEvent.DDT_WALK) == ()
+
+
 def test_overflow_sets_of_and_one_pmip_interrupt(fake):
     fake.write(0x2F8, 0x0200, 8)  # pmiv = 2
     program(fake, 3, eventID=1)

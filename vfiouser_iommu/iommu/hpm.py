@@ -4,6 +4,9 @@ iohpmcycles, iohpmctr1..N and iohpmevt1..N.
 Part 1 calls `iommu.count_event(event, device_id, process_id, gscid, pscid)` once per
 occurrence of a standard event; `Hpm.count` replaces that hook, counts every
 programmed counter whose event and filter match, and chains to the previous hook.
+Counting is on every translation's path, so an index from eventID to the counters
+programmed for it (and not inhibited) is rebuilt whenever iohpmevt or iocountinh is
+written: an event no counter watches costs one dict lookup.
 
 iohpmcycles counts nanoseconds of the host's monotonic clock (a 1 GHz "cycle"), read
 lazily: nothing runs between accesses. Counters are 64-bit (iohpmcycles 63-bit);
@@ -51,6 +54,8 @@ class Hpm:
         self.iocountinh = 0
         self.ctr = [0] * self.n
         self.evt = [0] * self.n
+        #: eventID -> indexes of the counters programmed for it and not inhibited
+        self.counters_by_event: dict[int, tuple[int, ...]] = {}
         self._cycles_of = 0
         self._cycles_base = 0
         self._cycles_at = self.clock()
@@ -90,6 +95,7 @@ class Hpm:
         cycles = self.read_cycles()
         self.iocountinh = ((self.iocountinh & ~mask) | (value & mask)) & self._inh_mask
         self._cycles_base, self._cycles_at = cycles & _CYCLES_MASK, self.clock()
+        self._reindex()
 
     # -- iohpmctrN / iohpmevtN ----------------------------------------------------------
     def write_ctr(self, index: int, value: int, mask: int) -> None:
@@ -100,16 +106,30 @@ class Hpm:
         if IOHPMEVT.get(merged, "eventID") not in _STANDARD_EVENTS:
             merged = IOHPMEVT.put(merged, "eventID", 0)
         self.evt[index] = merged
+        self._reindex()
+
+    def _reindex(self) -> None:
+        by_event: dict[int, list[int]] = {}
+        for i, evt in enumerate(self.evt):
+            event = evt & 0x7FFF
+            if event and not self.iocountinh >> (i + 1) & 1:
+                by_event.setdefault(event, []).append(i)
+        self.counters_by_event = {event: tuple(counters) for event, counters in by_event.items()}
+
+    def programmed(self, event: int) -> tuple[int, ...]:
+        """Indexes (0-based) of the counters that count `event` and are not inhibited."""
+        return self.counters_by_event.get(event, ())
 
     # -- counting -----------------------------------------------------------------------
     def count(self, event: int, device_id: int, process_id: int | None, gscid: int | None,
               pscid: int | None) -> None:
         """One occurrence of `event` for a transaction with these IDs."""
+        counters = self.counters_by_event.get(event)
+        if counters is None:
+            return
         event = int(event)
-        for i, evt in enumerate(self.evt):
-            if (evt & 0x7FFF) != event or self.iocountinh >> (i + 1) & 1:
-                continue
-            if self._matches(evt, event, device_id, process_id, gscid, pscid):
+        for i in counters:
+            if self._matches(self.evt[i], event, device_id, process_id, gscid, pscid):
                 self._increment(i)
 
     @staticmethod

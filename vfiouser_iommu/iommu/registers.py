@@ -111,9 +111,12 @@ class RegisterFile:
 
         iommu.report_fault = report_fault
         if self.hpm is not None:
+            hpm = self.hpm
+
             def count_event(event, device_id, process_id, gscid, pscid) -> None:
                 previous_count(event, device_id, process_id, gscid, pscid)
-                self.hpm.count(event, device_id, process_id, gscid, pscid)
+                if event in hpm.counters_by_event:
+                    hpm.count(event, device_id, process_id, gscid, pscid)
 
             iommu.count_event = count_event
 

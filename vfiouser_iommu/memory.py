@@ -35,6 +35,7 @@ import ctypes.util
 import logging
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -384,41 +385,42 @@ class DmaError(Exception):
         self.fault = fault
 
 
+class SpecialPiece(Protocol):
+    """A translated piece of a DMA that is not plain memory (e.g. an MRIF page)."""
+
+    def read(self, length: int) -> bytes: ...
+
+    def write(self, data: memoryview, addr: int, length: int) -> None:
+        """Serve the write of `data`; on failure raise `DmaError` for `addr`+`length`."""
+
+
 class DmaView:
     """The memory a device sees through its DMA: identity (no IOMMU) here.
 
-    Subclasses override `map_range` to translate; everything else is shared.
+    Subclasses override `pieces` to translate; the read and write loops are shared.
+    Plain `read`/`write` carry the view's own `attrs`; the `*_as` forms take the
+    request's.
     """
 
     def __init__(self, memory: GuestMemory):
         self.memory = memory
+        self.attrs = NO_ATTRS
 
-    def map_range(self, addr: int, length: int, write: bool) -> list[tuple[int, int]]:
-        """Translate [addr, addr+length) into guest-physical (gpa, length) pieces."""
-        return [(addr, length)]
+    def pieces(self, addr: int, length: int, write: bool,
+               attrs: DmaAttrs) -> Sequence[tuple[int, int, SpecialPiece | None]]:
+        """Translate [addr, addr+length) into (gpa, length, special) pieces, in order.
+
+        The whole range is translated before any byte moves, so a translation that
+        fails part-way raises `DmaError` with nothing touched. `special` is None for
+        guest memory; otherwise it serves its piece instead.
+        """
+        return ((addr, length, None),)
 
     def read(self, addr: int, length: int) -> bytes:
-        if length == 0:
-            return b""
-        pieces = self.map_range(addr, length, False)
-        try:
-            return b"".join(self.memory.read(gpa, n) for gpa, n in pieces)
-        except MemoryAccessError as e:
-            raise DmaError(addr, length, False, str(e)) from None
+        return self.read_as(addr, length, self.attrs)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        length = len(data)
-        if length == 0:
-            return
-        pieces = self.map_range(addr, length, True)
-        view = memoryview(data).cast("B")
-        done = 0
-        try:
-            for gpa, n in pieces:
-                self.memory.write(gpa, view[done:done + n])
-                done += n
-        except MemoryAccessError as e:
-            raise DmaError(addr, length, True, str(e)) from None
+        self.write_as(addr, data, self.attrs)
 
     def read_int(self, addr: int, size: int) -> int:
         return int.from_bytes(self.read(addr, size), "little")
@@ -426,14 +428,32 @@ class DmaView:
     def write_int(self, addr: int, size: int, value: int) -> None:
         self.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
-    # -- requests with attributes (PASID, privilege, execute) -------------------------
-    # A view that checks request attributes (an IOMMU's) overrides these two; the
-    # identity view has nothing to check, and a view that does not override them
-    # serves the request as one without attributes.
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
         """`read` for a request that carries `attrs`."""
-        return self.read(addr, length)
+        if length == 0:
+            return b""
+        pieces = self.pieces(addr, length, False, attrs)
+        memory = self.memory
+        try:
+            return b"".join(memory.read(gpa, n) if special is None else special.read(n)
+                            for gpa, n, special in pieces)
+        except MemoryAccessError as e:
+            raise DmaError(addr, length, False, str(e)) from None
 
     def write_as(self, addr: int, data: bytes | bytearray | memoryview, attrs: DmaAttrs) -> None:
         """`write` for a request that carries `attrs`."""
-        self.write(addr, data)
+        length = len(data)
+        if length == 0:
+            return
+        pieces = self.pieces(addr, length, True, attrs)
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            for gpa, n, special in pieces:
+                if special is None:
+                    self.memory.write(gpa, view[done:done + n])
+                else:
+                    special.write(view[done:done + n], addr, length)
+                done += n
+        except MemoryAccessError as e:
+            raise DmaError(addr, length, True, str(e)) from None

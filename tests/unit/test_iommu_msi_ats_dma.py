@@ -238,7 +238,7 @@ def test_dma_view_splits_at_page_boundaries_and_faults():
     assert iommu.memory.read(DATA + 0x3FFE, 2) == b"ab"
     assert iommu.memory.read(DATA, 2) == b"cd"
     assert dma.read(0x5FFE, 4) == b"abcd"
-    assert dma.map_range(0x5FFE, 4, False) == [(DATA + 0x3FFE, 2), (DATA, 2)]
+    assert dma.pieces(0x5FFE, 4, False, dma.attrs) == [(DATA + 0x3FFE, 2, None), (DATA, 2, None)]
     with pytest.raises(DmaError) as e:
         dma.read(0x6FFE, 4)
     assert e.value.fault.cause == 13 and e.value.fault.iotval == 0x7000

@@ -103,13 +103,15 @@ def test_dma_straddling_an_interrupt_file_page_with_bare_stages():
     assert iommu.memory.read(file_gpa - 4, 4) == b"abcd"
     assert iommu.memory.read(IMSIC, 4) == b"efgh"          # through the MSI PTE
     assert iommu.memory.read(file_gpa, 4) == bytes(4)      # not written through
-    assert dma.map_range(file_gpa - 4, 8, True) == [(file_gpa - 4, 4), (IMSIC, 4)]
+    assert dma.pieces(file_gpa - 4, 8, True, dma.attrs) == [(file_gpa - 4, 4, None),
+                                                            (IMSIC, 4, None)]
 
 
 def test_dma_straddling_an_interrupt_file_page_in_a_g_stage_superpage():
     iommu, *_ = _g_stage_superpage(GIB, index=0)
     dma = iommu.dma_view(DID)
-    assert dma.map_range(FILE_GPA - 4, 8, True) == [(RAM_BASE + FILE_GPA - 4, 4), (IMSIC, 4)]
+    assert dma.pieces(FILE_GPA - 4, 8, True, dma.attrs) == [(RAM_BASE + FILE_GPA - 4, 4, None),
+                                                            (IMSIC, 4, None)]
 
 
 def test_devices_with_different_msi_patterns_share_gscid_and_pscid():

@@ -40,10 +40,10 @@ class FaultingView(DmaView):
         super().__init__(memory)
         self.lo, self.hi = lo, hi
 
-    def map_range(self, addr, length, write):
+    def pieces(self, addr, length, write, attrs):
         if addr < self.hi and self.lo < addr + length:
             raise DmaError(addr, length, write, "translation fault")
-        return [(addr, length)]
+        return [(addr, length, None)]
 
 
 @pytest.fixture

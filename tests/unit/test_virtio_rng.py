@@ -19,10 +19,10 @@ class FaultAbove(DmaView):
         super().__init__(memory)
         self.limit = limit
 
-    def map_range(self, addr, length, write):
+    def pieces(self, addr, length, write, attrs):
         if addr + length > self.limit:
             raise DmaError(addr, length, write, "fault")
-        return [(addr, length)]
+        return [(addr, length, None)]
 
 
 def chain(*bufs: tuple[int, int]) -> DescriptorChain:

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 
 from vfiouser_iommu.iommu import IommuConfig, RiscvIommu
+from vfiouser_iommu.iommu.config import CAPABILITY_FIELDS
 from vfiouser_iommu.pci.config import BarSpec, MsixSpec, PciIdentity
 from vfiouser_iommu.pci.function import PciFunction
 
@@ -102,9 +103,9 @@ def build_iommu_function(options: dict[str, str]) -> IommuFunction:
     for name, value in options.items():
         if name == "caps":
             continue
-        if name not in IommuConfig._CAP_FIELDS or name == "igs":
+        if name not in CAPABILITY_FIELDS or name == "igs":
             raise ValueError(f"riscv-iommu: unknown option {name!r} (caps=0x..., or one of "
-                             f"{', '.join(f for f in IommuConfig._CAP_FIELDS if f != 'igs')})")
+                             f"{', '.join(f for f in CAPABILITY_FIELDS if f != 'igs')})")
         if name in ("pas", "version"):
             try:
                 changes[name] = int(value, 0)

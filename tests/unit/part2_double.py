@@ -8,9 +8,9 @@ invalidation primitives (recorded in `calls`), `device_context` and `translate`.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from vfiouser_iommu.iommu.config import IommuConfig
 from vfiouser_iommu.iommu.faults import Fault
 from vfiouser_iommu.iommu.registers import RegisterFile
 from vfiouser_iommu.iommu.regs_layouts import CAPABILITIES
@@ -28,20 +28,11 @@ DEFAULT_CAPS = dict(version=0x10, Sv39=1, Sv48=1, Sv57=1, Sv39x4=1, Sv48x4=1, Sv
 FakeFault = Fault
 
 
-@dataclass
-class FakeConfig:
-    caps: dict = field(default_factory=dict)
-    gxl_writable: bool = False
-
-    @property
-    def capabilities(self) -> int:
-        return CAPABILITIES.encode(**{**DEFAULT_CAPS, **self.caps})
-
-
 class FakeIommu:
     def __init__(self, caps: dict | None = None, **regs_options):
         self.memory = GuestMemory.ram(RAM_BASE, RAM_SIZE)
-        self.config = FakeConfig(caps or {})
+        self.config = IommuConfig.from_capabilities(
+            CAPABILITIES.encode(**{**DEFAULT_CAPS, **(caps or {})}))
         self.ddtp = 0
         self.fctl = 0
         self.irqs: list[int] = []

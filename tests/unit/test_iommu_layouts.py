@@ -8,8 +8,9 @@ import random
 import pytest
 
 from vfiouser_iommu.iommu import Fault, IommuConfig, layouts
-from vfiouser_iommu.iommu.config import Igs, capabilities_layout
+from vfiouser_iommu.iommu.config import Igs
 from vfiouser_iommu.iommu.directory import DeviceContext, ProcessContext
+from vfiouser_iommu.iommu.regs_layouts import CAPABILITIES
 from vfiouser_iommu.iommu.walk import decode_pte
 
 
@@ -127,4 +128,4 @@ def test_capabilities_round_trip_and_bits():
     q = IommuConfig.from_capabilities(qemu_pci)
     assert q.sv32 and q.sv57 and q.msi_flat and q.ats and q.dbg and q.pd8 and not q.pd17
     assert q.capabilities == qemu_pci
-    assert capabilities_layout.sizeof() == 8
+    assert CAPABILITIES.construct.sizeof() == 8

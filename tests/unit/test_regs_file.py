@@ -1,5 +1,7 @@
 """Register file: reset values, RO/RW/RW1C/WARL behaviour, access sizes (spec §5)."""
 
+import dataclasses
+
 import pytest
 from part2_double import FakeIommu
 
@@ -100,8 +102,8 @@ def test_fctl_wsi_only_reads_one_and_gxl_follows_config():
     assert iommu.read(FCTL) == 2
     iommu.write(FCTL, 0)
     assert iommu.read(FCTL) == 2
-    iommu = FakeIommu()
-    iommu.config.gxl_writable = True
+    iommu = FakeIommu(dict(Sv32x4=1))
+    assert iommu.config.gxl_writable
     iommu.write(FCTL, 4)
     assert iommu.read(FCTL) == 4
 
@@ -190,7 +192,7 @@ def test_qosid_warl_per_configured_widths():
     iommu = FakeIommu(dict(QOSID=1))
     iommu.write(QOSID, 0xFFFF_FFFF)
     assert iommu.read(QOSID) == 0x0FFF_0FFF
-    iommu.config.rcid_bits, iommu.config.mcid_bits = 4, 6
+    iommu.config = dataclasses.replace(iommu.config, rcid_bits=4, mcid_bits=6)
     iommu.regs = RegisterFile(iommu)
     iommu.write(QOSID, 0xFFFF_FFFF)
     assert iommu.read(QOSID) == 0x003F_000F

@@ -104,7 +104,7 @@ class CommandQueue(QueueRegs):
         super().__init__(regs, 16, CQCSR, "cq")
         self.ats_timeout_pending = False
         regs.irq.persistent[CIP] = self._error_pending
-        caps = regs.caps
+        config = regs.config
         self._handlers: dict[tuple[int, int], Callable[[int], Outcome]] = {
             (OPCODE_IOTINVAL, 0): self._iotinval_vma,
             (OPCODE_IOTINVAL, 1): self._iotinval_gvma,
@@ -112,13 +112,13 @@ class CommandQueue(QueueRegs):
             (OPCODE_IODIR, 0): self._iodir_inval_ddt,
             (OPCODE_IODIR, 1): self._iodir_inval_pdt,
         }
-        if caps["ATS"]:
+        if config.ats:
             self._handlers[(OPCODE_ATS, 0)] = self._ats_inval
             self._handlers[(OPCODE_ATS, 1)] = self._ats_prgr
-        self._supported_nl = bool(caps["NL"])
-        self._supported_s = bool(caps["S"])
-        self._pid_bits = 20 if caps["PD20"] else 17 if caps["PD17"] else 8
-        self._extended_dc = bool(caps["MSI_FLAT"])
+        self._supported_nl = config.nl
+        self._supported_s = config.s
+        self._pid_bits = 20 if config.pd20 else 17 if config.pd17 else 8
+        self._extended_dc = config.msi_flat
 
     def reset(self) -> None:
         super().reset()

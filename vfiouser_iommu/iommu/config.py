@@ -3,7 +3,8 @@
 `IommuConfig` is what the model implements: every capability bit the spec defines, as a
 field, plus a few model parameters that are not architected (cache sizes). The
 `capabilities` property is the register value; `from_capabilities` goes the other way.
-The bit layout is written once, as a `construct` definition (`capabilities_layout`).
+The bit layout is `regs_layouts.capabilities`; a field here is named as its register
+field, in lower case. Register fields with no field here (Svrsw60t59b, custom) read 0.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from enum import IntEnum
 
-from construct import BitsInteger, BitStruct, ByteSwapped, Flag
-
-from vfiouser_iommu.iommu.layouts import lsb_first
+from vfiouser_iommu.iommu.regs_layouts import CAPABILITIES
 
 
 class Igs(IntEnum):
@@ -22,18 +21,6 @@ class Igs(IntEnum):
     MSI = 0
     WSI = 1
     BOTH = 2
-
-
-#: capabilities register, LSB first, names as in the spec (lower case).
-capabilities_layout = ByteSwapped(BitStruct(*lsb_first([
-    ("version", BitsInteger(8)), ("sv32", Flag), ("sv39", Flag), ("sv48", Flag),
-    ("sv57", Flag), ("reserved0", BitsInteger(3)), ("svpbmt", Flag), ("sv32x4", Flag),
-    ("sv39x4", Flag), ("sv48x4", Flag), ("sv57x4", Flag), ("reserved1", BitsInteger(1)),
-    ("amo_mrif", Flag), ("msi_flat", Flag), ("msi_mrif", Flag), ("amo_hwad", Flag),
-    ("ats", Flag), ("t2gpa", Flag), ("end", Flag), ("igs", BitsInteger(2)), ("hpm", Flag),
-    ("dbg", Flag), ("pas", BitsInteger(6)), ("pd8", Flag), ("pd17", Flag), ("pd20", Flag),
-    ("qosid", Flag), ("reserved2", BitsInteger(14)), ("custom", BitsInteger(8)),
-])))
 
 
 @dataclass(frozen=True)
@@ -72,6 +59,9 @@ class IommuConfig:
     pd17: bool = True
     pd20: bool = True
     qosid: bool = False
+    # The NL and S extensions of IOTINVAL (non-leaf, address-range invalidation).
+    nl: bool = False
+    s: bool = False
     # Model parameters, not architected.
     rcid_bits: int = 12
     mcid_bits: int = 12
@@ -87,24 +77,18 @@ class IommuConfig:
     # over msi_cfg_tbl): the core then only says which vector fires.
     msi_table_external: bool = False
 
-    _CAP_FIELDS = ("version", "sv32", "sv39", "sv48", "sv57", "svpbmt", "sv32x4", "sv39x4",
-                   "sv48x4", "sv57x4", "amo_mrif", "msi_flat", "msi_mrif", "amo_hwad", "ats",
-                   "t2gpa", "end", "igs", "hpm", "dbg", "pas", "pd8", "pd17", "pd20", "qosid")
-
     @property
     def capabilities(self) -> int:
         """The `capabilities` register value."""
-        values = {name: getattr(self, name) for name in self._CAP_FIELDS}
-        values["igs"] = int(values["igs"])
-        values.update(reserved0=0, reserved1=0, reserved2=0, custom=0)
-        return int.from_bytes(capabilities_layout.build(values), "little")
+        return CAPABILITIES.encode(**{spec: getattr(self, name)
+                                      for name, spec in CAPABILITY_FIELDS.items()})
 
     @classmethod
     def from_capabilities(cls, caps: int, **model: object) -> "IommuConfig":
         """Configuration from a `capabilities` value (model parameters from `model`)."""
-        parsed = capabilities_layout.parse((caps & (1 << 64) - 1).to_bytes(8, "little"))
-        values = {name: parsed[name] for name in cls._CAP_FIELDS}
-        values["igs"] = Igs(parsed["igs"]) if parsed["igs"] in Igs._value2member_map_ \
+        values = {name: CAPABILITIES.get(caps, spec) for name, spec in CAPABILITY_FIELDS.items()}
+        values = {name: v if name in _NUMBERS else bool(v) for name, v in values.items()}
+        values["igs"] = Igs(values["igs"]) if values["igs"] in Igs._value2member_map_ \
             else Igs.MSI
         names = {f.name for f in fields(cls)}
         return replace(cls(), **values, **{k: v for k, v in model.items() if k in names})
@@ -128,3 +112,10 @@ class IommuConfig:
     def dc_size(self) -> int:
         """Device-context size: 64-byte extended format iff MSI_FLAT."""
         return 64 if self.msi_flat else 32
+
+
+#: IommuConfig field -> `capabilities` register field, LSB first, for each field both have.
+CAPABILITY_FIELDS = {spec.lower(): spec for spec in sorted(CAPABILITIES.fields,
+                                                           key=CAPABILITIES.fields.get)
+                     if spec.lower() in {f.name for f in fields(IommuConfig)}}
+_NUMBERS = {"version", "igs", "pas"}

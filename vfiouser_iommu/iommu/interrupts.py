@@ -52,10 +52,10 @@ class Interrupts:
         self.regs = regs
         self.vectors = vectors
         self.external_table = external_table
-        caps = regs.caps
+        config = regs.config
         self._icvec_mask = 0
-        for field, present in (("civ", True), ("fiv", True), ("pmiv", caps["HPM"]),
-                               ("piv", caps["ATS"])):
+        for field, present in (("civ", True), ("fiv", True), ("pmiv", config.hpm),
+                               ("piv", config.ats)):
             if present:
                 self._icvec_mask |= ICVEC.mask(field) & (
                     (vectors - 1) * (ICVEC.mask(field) & -ICVEC.mask(field)))

@@ -27,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfiouser_iommu.iommu.commands import AtsEndpoint, CommandQueue
+from vfiouser_iommu.iommu.config import Igs
 from vfiouser_iommu.iommu.debug import DebugInterface
 from vfiouser_iommu.iommu.hpm import Hpm
 from vfiouser_iommu.iommu.interrupts import MSI_CFG_TBL_ENTRIES, Interrupts
 from vfiouser_iommu.iommu.queues import FaultQueue, PageRequestQueue
-from vfiouser_iommu.iommu.regs_layouts import CAPABILITIES, DDTP, FCTL, IOMMU_QOSID
+from vfiouser_iommu.iommu.regs_layouts import DDTP, FCTL, IOMMU_QOSID
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,12 @@ class RegisterFile:
                  inline_budget: int = 64):
         config = iommu.config
         self.iommu = iommu
+        self.config = config
         self.caps_value = config.capabilities
-        self.caps = CAPABILITIES.decode(self.caps_value)
-        self.pas = self.caps["PAS"] or 56
+        self.pas = config.pas or 56
         self.inline_budget = inline_budget
-        self.msi_table_external = bool(
-            getattr(config, "msi_table_external", False) if msi_table_external is None
-            else msi_table_external)
+        self.msi_table_external = (config.msi_table_external if msi_table_external is None
+                                   else msi_table_external)
         self.ats_endpoints: dict[int, AtsEndpoint] = {}
         self._build_units(config, vectors, hpm_counters)
         self._hook_part1()
@@ -85,20 +85,17 @@ class RegisterFile:
 
     # -- construction -----------------------------------------------------------------
     def _build_units(self, config, vectors: int | None, hpm_counters: int | None) -> None:
-        self.irq = Interrupts(self, vectors or getattr(config, "interrupt_vectors", 4),
+        self.irq = Interrupts(self, vectors or config.interrupt_vectors,
                               self.msi_table_external)
         self.cq = CommandQueue(self)
         self.fq = FaultQueue(self)
-        self.pq = PageRequestQueue(self) if self.caps["ATS"] else None
-        self.hpm = Hpm(self, hpm_counters or getattr(config, "hpm_counters", 31)) \
-            if self.caps["HPM"] else None
-        self.debug = DebugInterface(self) if self.caps["DBG"] else None
+        self.pq = PageRequestQueue(self) if config.ats else None
+        self.hpm = Hpm(self, hpm_counters or config.hpm_counters) if config.hpm else None
+        self.debug = DebugInterface(self) if config.dbg else None
         self._qosid_mask = 0
-        if self.caps["QOSID"]:
-            rcid = getattr(config, "rcid_bits", 12)
-            mcid = getattr(config, "mcid_bits", 12)
-            self._qosid_mask = (IOMMU_QOSID.mask("RCID") & ((1 << rcid) - 1)) | (
-                IOMMU_QOSID.mask("MCID") & (((1 << mcid) - 1) << 16))
+        if config.qosid:
+            self._qosid_mask = (IOMMU_QOSID.mask("RCID") & ((1 << config.rcid_bits) - 1)) | (
+                IOMMU_QOSID.mask("MCID") & (((1 << config.mcid_bits) - 1) << 16))
 
     def _hook_part1(self) -> None:
         iommu = self.iommu
@@ -147,9 +144,9 @@ class RegisterFile:
             self._map_hpm(self.hpm)
         if self.debug is not None:
             self._map_debug(self.debug)
-        if self.caps["QOSID"]:
+        if self.config.qosid:
             self._add("iommu_qosid", 0x270, 4, lambda: self.iommu_qosid, self._write_qosid)
-        if self.caps["IGS"] != 1 and not self.msi_table_external:
+        if self.config.igs != Igs.WSI and not self.msi_table_external:
             for i in range(MSI_CFG_TBL_ENTRIES):
                 self._map_msi_entry(i)
 
@@ -214,16 +211,16 @@ class RegisterFile:
     # -- fctl, ddtp, cqcsr, qosid -----------------------------------------------------
     def _fctl_writable_mask(self) -> int:
         mask = 0
-        if self.caps["END"]:
+        if self.config.end:
             mask |= FCTL.mask("BE")
-        if self.caps["IGS"] == 2:
+        if self.config.igs == Igs.BOTH:
             mask |= FCTL.mask("WSI")
-        if getattr(self.iommu.config, "gxl_writable", False):
+        if self.config.gxl_writable:
             mask |= FCTL.mask("GXL")
         return mask
 
     def _fctl_reset(self) -> int:
-        return FCTL.encode(WSI=1) if self.caps["IGS"] == 1 else 0
+        return FCTL.encode(WSI=1) if self.config.igs == Igs.WSI else 0
 
     def _write_fctl(self, value: int, mask: int) -> None:
         # The spec leaves fctl changes UNSPECIFIED while translating or with a queue on;

@@ -77,8 +77,8 @@ class FakeIommu:
         """Part 1's §3.8 message check, reduced to what the page-request tests need."""
         mode = self.ddtp & 0xF
         dc = self.device_context(request.device_id) if mode > 1 else None
-        if mode == 0 or mode == 1 or hasattr(dc, "cause") or not dc.en_pri:
-            cause = 256 if mode == 0 else dc.cause if hasattr(dc, "cause") else 260
+        if mode == 0 or mode == 1 or isinstance(dc, Fault) or not dc.en_pri:
+            cause = 256 if mode == 0 else dc.cause if isinstance(dc, Fault) else 260
             fault = FakeFault(cause, 9, request.message_code, 0, request.device_id,
                               request.process_id, False)
             self.report_fault(fault)

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from vfiouser_iommu.iommu.directory import DeviceContext
-from vfiouser_iommu.iommu.faults import Cause, Fault, Stop, build_fault, reportable
+from vfiouser_iommu.iommu.faults import Cause, Fault, Stop
 from vfiouser_iommu.iommu.request import Access, Request, RequestKind, Translation
 
 if TYPE_CHECKING:
@@ -101,8 +101,5 @@ def check_message(iommu: RiscvIommu, request: Request) -> DeviceContext | Fault:
         return iommu.fault(request, stop)
     needed = {MSG_INVALIDATION_COMPLETION: dc.en_ats, MSG_PAGE_REQUEST: dc.en_pri}
     if not needed.get(request.message_code, True):
-        record = build_fault(request, Cause.TRANSACTION_TYPE_DISALLOWED)
-        if reportable(record.cause, dc.dtf):
-            iommu.report_fault(record)
-        return record
+        return iommu.fault(request, Stop(Cause.TRANSACTION_TYPE_DISALLOWED, dtf=dc.dtf))
     return dc

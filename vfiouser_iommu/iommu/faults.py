@@ -111,11 +111,11 @@ class Stop(Exception):
     `dtf` is filled in once the device context is known, so the core can apply DTF.
     """
 
-    def __init__(self, cause: int, iotval2: int = 0):
+    def __init__(self, cause: int, iotval2: int = 0, *, dtf: bool = False):
         super().__init__(cause)
         self.cause = int(cause)
         self.iotval2 = iotval2
-        self.dtf = False
+        self.dtf = dtf
 
 
 def ttyp_of(request: Request) -> Ttyp:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 from enum import IntEnum
 
+from vfiouser_iommu.iommu.faults import Fault
 from vfiouser_iommu.iommu.interrupts import FIP, PIP
 from vfiouser_iommu.iommu.regs_layouts import DDTP, FCTL, FQCSR, PAGE_REQUEST, PQCSR, QB
+from vfiouser_iommu.iommu.request import Request, RequestKind
 from vfiouser_iommu.memory import MemoryAccessError
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ class PageRequestQueue(ProducerQueue):
         Markers are dropped. Directory failures and EN_PRI=0 are also fault-logged
         (TTYP 9, iotval = the Page Request message code).
         """
-        refused = self._context_refusal(device_id, process_id, privileged)
+        refused, dc = self._context_refusal(device_id, process_id, privileged)
         if refused is None:
             record = self._record(device_id, process_id, page_addr, prg_index, read, write,
                                   last, privileged, execute)
@@ -199,35 +201,35 @@ class PageRequestQueue(ProducerQueue):
             elif self.csr & self.MF:
                 refused = PrgResponseCode.RESPONSE_FAILURE, False
             else:
-                refused = PrgResponseCode.SUCCESS, self._prpr(device_id)
+                refused = PrgResponseCode.SUCCESS, bool(dc.prpr)
         if last and (read or write):
             self._auto_response(device_id, process_id, prg_index, *refused)
 
     def _context_refusal(self, device_id: int, process_id: int | None, privileged: bool):
-        """(response code, PRPR) when the directory refuses the request, else None.
+        """(refusal, DC): the (response code, PRPR) when the directory refuses the
+        request, else None; and the DC when the message check found one.
 
         Part 1's `message_context` locates the DC and reports the fault (TTYP 9) for
         Off/Bare, directory faults and a DC without EN_PRI; the record's PRIV is the
         request's Privilege Mode Requested, as in the page-request record.
         """
-        from vfiouser_iommu.iommu.request import Request, RequestKind
-
         request = Request(device_id, process_id, 0, privileged=privileged,
                           kind=RequestKind.PCIE_MESSAGE, message_code=PAGE_REQUEST_MSG_CODE)
         dc = self.regs.iommu.message_context(request)
-        if hasattr(dc, "cause"):
+        if isinstance(dc, Fault):
             if dc.cause in _DDT_FAILURE_CAUSES:
-                return PrgResponseCode.RESPONSE_FAILURE, False
-            return PrgResponseCode.INVALID_REQUEST, self._prpr(device_id)
+                return (PrgResponseCode.RESPONSE_FAILURE, False), None
+            return (PrgResponseCode.INVALID_REQUEST, self._refused_prpr(device_id)), None
         if not dc.en_ats:
-            return PrgResponseCode.INVALID_REQUEST, bool(dc.prpr)
-        return None
+            return (PrgResponseCode.INVALID_REQUEST, bool(dc.prpr)), dc
+        return None, dc
 
-    def _prpr(self, device_id: int) -> bool:
+    def _refused_prpr(self, device_id: int) -> bool:
+        """DC.PRPR after a cause-260 refusal, which returns the fault, not the DC."""
         if DDTP.get(self.regs.iommu.ddtp, "iommu_mode") <= _MODE_BARE:
             return False
         dc = self.regs.iommu.device_context(device_id)
-        return not hasattr(dc, "cause") and bool(dc.prpr)
+        return not isinstance(dc, Fault) and bool(dc.prpr)
 
     def _record(self, device_id, process_id, page_addr, prg_index, read, write, last,
                 privileged, execute) -> bytes:

@@ -47,7 +47,6 @@ class FakeIommu:
         self.count_event = self._count
         regs_options.setdefault("msi_table_external", True)
         self.regs = RegisterFile(self, **regs_options)
-        self.regs._make_fault = lambda **f: FakeFault(**f)
 
     def _count(self, event, device_id, process_id, gscid, pscid) -> None:
         self.counters[event] += 1
@@ -63,9 +62,6 @@ class FakeIommu:
 
     def invalidate_gvma(self, gv, gscid, av, addr):
         self.calls.append(("gvma", gv, gscid, av, addr))
-
-    def invalidate_all(self):
-        self.calls.append(("all",))
 
     def reset_translation_state(self):
         self.translation_resets += 1

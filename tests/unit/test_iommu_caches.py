@@ -291,4 +291,4 @@ def test_without_invalidation_old_or_new_never_anything_else(nested, msi, ops, p
         world.apply(*o)
         cached, after = world.both(page, access)
         assert cached in (before, after)
-        world.cached.invalidate_all()
+        world.cached.reset_translation_state()

@@ -148,9 +148,6 @@ class RiscvIommu:
     def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int) -> None:
         self.caches.invalidate_gvma(gv, gscid, av, addr)
 
-    def invalidate_all(self) -> None:
-        self.caches.clear()
-
     def reset_translation_state(self) -> None:
         """Empty every cache (reset, or a ddtp mode change if part 2 chooses)."""
         self.caches.clear()

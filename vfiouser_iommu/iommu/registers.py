@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from vfiouser_iommu.iommu.commands import AtsEndpoint, CommandQueue
 from vfiouser_iommu.iommu.config import Igs
 from vfiouser_iommu.iommu.debug import DebugInterface
+from vfiouser_iommu.iommu.faults import Fault
 from vfiouser_iommu.iommu.hpm import Hpm
 from vfiouser_iommu.iommu.interrupts import MSI_CFG_TBL_ENTRIES, Interrupts
 from vfiouser_iommu.iommu.queues import FaultQueue, PageRequestQueue
@@ -181,9 +182,6 @@ class RegisterFile:
                   lambda v, m: irq.write_msi_vec_ctl(i, v, m))
 
     # -- MMIO -------------------------------------------------------------------------
-    def register_at(self, offset: int) -> Register | None:
-        return self._registers.get(offset & ~3)
-
     def mmio_read(self, offset: int, size: int) -> int:
         reg = self._decode(offset, size)
         if reg is None:
@@ -274,9 +272,7 @@ class RegisterFile:
         for unit in (self.irq, self.cq, self.fq, self.pq, self.hpm, self.debug):
             if unit is not None:
                 unit.reset()
-        reset_translation = getattr(self.iommu, "reset_translation_state", None)
-        if reset_translation is not None:
-            reset_translation()
+        self.iommu.reset_translation_state()
 
     def work_pending(self) -> bool:
         """Whether `run_pending` has commands to execute."""
@@ -286,19 +282,11 @@ class RegisterFile:
         """Execute up to `budget` queued commands; return how many completed."""
         return self.cq.process(budget)
 
-    process_commands = run_pending
-
     # -- services for the units -------------------------------------------------------
-    def _make_fault(self, **fields):
-        from vfiouser_iommu import iommu as api
-
-        return api.Fault(**fields)
-
     def report_internal_fault(self, cause: int, iotval: int) -> None:
         """A fault of the IOMMU itself (TTYP 0), e.g. cause 273 for a failed MSI write."""
-        self.iommu.report_fault(self._make_fault(
-            cause=cause, ttyp=_TTYP_NONE, iotval=iotval, iotval2=0, device_id=0,
-            process_id=None, privileged=False))
+        self.iommu.report_fault(Fault(cause=cause, ttyp=_TTYP_NONE, iotval=iotval, iotval2=0,
+                                      device_id=0, process_id=None, privileged=False))
 
     def send_prg_response(self, device_id: int, process_id: int | None, prg_index: int,
                           response_code: int) -> None:

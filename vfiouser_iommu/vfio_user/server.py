@@ -46,13 +46,6 @@ class FunctionPort:
     def call_soon(self, callback: Callable[[], None]) -> None:
         self.server.call_soon(callback)
 
-    def after_dma_writes(self, callback: Callable[[], None]) -> None:
-        """Run `callback` once the client has acknowledged every DMA write posted."""
-        if self.session is None or self.session.closed:
-            callback()
-        else:
-            self.session.after_dma_writes(callback)
-
 
 class Server:
     """Serves PCI functions over vfio-user until stopped."""

@@ -486,13 +486,6 @@ class Session:
 
         self._request(Command.DMA_READ, wire.encode_dma_request(layout, addr, count), on_reply)
 
-    def after_dma_writes(self, callback: Callable[[], None]) -> None:
-        """Run `callback` once every DMA_WRITE posted so far is acknowledged."""
-        if self._dma_writes_in_flight == 0:
-            callback()
-        else:
-            self._after_dma.append(callback)
-
     def _run_after_dma(self) -> None:
         while self._after_dma and self._dma_writes_in_flight == 0:
             self._after_dma.popleft()()

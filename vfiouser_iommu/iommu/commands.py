@@ -23,6 +23,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Protocol
 
+from vfiouser_iommu.iommu.directory import DDT_LEVELS, device_id_fits
 from vfiouser_iommu.iommu.interrupts import CIP
 from vfiouser_iommu.iommu.queues import QueueRegs
 from vfiouser_iommu.iommu.regs_layouts import (
@@ -118,7 +119,7 @@ class CommandQueue(QueueRegs):
         self._supported_nl = config.nl
         self._supported_s = config.s
         self._pid_bits = 20 if config.pd20 else 17 if config.pd17 else 8
-        self._extended_dc = config.msi_flat
+        self._dc_size = config.dc_size
 
     def reset(self) -> None:
         super().reset()
@@ -134,16 +135,9 @@ class CommandQueue(QueueRegs):
         return self.head
 
     def write_csr(self, value: int, mask: int) -> None:
-        value &= mask
-        rw = self.EN | self.IE
-        new = (self.csr & ~(rw & mask)) | (value & rw)
-        new &= ~(value & (_ERRORS | FENCE_W_IP))
-        if new & self.EN and not self.csr & self.EN:
+        if self._write_csr(value, mask, _ERRORS | FENCE_W_IP):
             self.head = 0
-            new &= ~(_ERRORS | FENCE_W_IP)
             self.ats_timeout_pending = False
-        new = new | self.ON if new & self.EN else new & ~self.ON
-        self.csr = new
         self.process(self.regs.inline_budget)
 
     def _error_pending(self) -> bool:
@@ -248,16 +242,16 @@ class CommandQueue(QueueRegs):
         return Outcome.DONE
 
     # -- IODIR ----------------------------------------------------------------------------
-    def _device_id_bits(self) -> int:
+    def _device_id_fits(self, device_id: int) -> bool:
+        """Whether IODIR's DID fits the DDT's levels (any 24-bit DID with no DDT)."""
         mode = DDTP.get(self.regs.iommu.ddtp, "iommu_mode")
-        extended = self._extended_dc
-        return {2: 6 if extended else 7, 3: 15 if extended else 16}.get(mode, 24)
+        return mode not in DDT_LEVELS or device_id_fits(device_id, mode, self._dc_size)
 
     def _iodir_fields(self, command: int) -> dict[str, int] | None:
         if command & CMD_IODIR.reserved_mask:
             return None
         f = CMD_IODIR.decode(command)
-        if f["DV"] and f["DID"] >> self._device_id_bits():
+        if f["DV"] and not self._device_id_fits(f["DID"]):
             return None
         return f
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from enum import IntEnum
 
+from vfiouser_iommu.iommu.directory import MODE_BARE
 from vfiouser_iommu.iommu.faults import Fault
 from vfiouser_iommu.iommu.interrupts import FIP, PIP
 from vfiouser_iommu.iommu.regs_layouts import DDTP, FCTL, FQCSR, PAGE_REQUEST, PQCSR, QB
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 PAGE_REQUEST_MSG_CODE = 0x04
 _DDT_FAILURE_CAUSES = frozenset({256, 257, 258, 259, 268, 272})
-_MODE_OFF, _MODE_BARE = 0, 1
 
 
 class PrgResponseCode(IntEnum):
@@ -96,6 +96,22 @@ class QueueRegs:
     def full(self) -> bool:
         return (self.tail + 1) & self.index_mask == self.head & self.index_mask
 
+    def _write_csr(self, value: int, mask: int, rw1c: int) -> bool:
+        """A csr write: EN and IE are RW, the `rw1c` error bits RW1C, ON follows EN.
+
+        Enabling the queue also clears the error bits; True when this write enabled it
+        (the caller then resets the index the IOMMU owns).
+        """
+        value &= mask
+        rw = self.EN | self.IE
+        new = (self.csr & ~(rw & mask)) | (value & rw)
+        new &= ~(value & rw1c)
+        enabled = bool(new & self.EN and not self.csr & self.EN)
+        if enabled:
+            new &= ~rw1c
+        self.csr = new | self.ON if new & self.EN else new & ~self.ON
+        return enabled
+
 
 class ProducerQueue(QueueRegs):
     """A queue the IOMMU writes records into: the fault queue or the page-request queue.
@@ -117,15 +133,8 @@ class ProducerQueue(QueueRegs):
         self.head = self.masked_index(value, mask, self.head)
 
     def write_csr(self, value: int, mask: int) -> None:
-        value &= mask
-        rw = self.EN | self.IE
-        new = (self.csr & ~(rw & mask)) | (value & rw)
-        new &= ~(value & (self.MF | self.OF))
-        if new & self.EN and not self.csr & self.EN:
+        if self._write_csr(value, mask, self.MF | self.OF):
             self.tail = 0
-            new &= ~(self.MF | self.OF)
-        new = new | self.ON if new & self.EN else new & ~self.ON
-        self.csr = new
 
     def accepting(self) -> bool:
         return self.on and not self.csr & (self.MF | self.OF)
@@ -226,7 +235,7 @@ class PageRequestQueue(ProducerQueue):
 
     def _refused_prpr(self, device_id: int) -> bool:
         """DC.PRPR after a cause-260 refusal, which returns the fault, not the DC."""
-        if DDTP.get(self.regs.iommu.ddtp, "iommu_mode") <= _MODE_BARE:
+        if DDTP.get(self.regs.iommu.ddtp, "iommu_mode") <= MODE_BARE:
             return False
         dc = self.regs.iommu.device_context(device_id)
         return not isinstance(dc, Fault) and bool(dc.prpr)

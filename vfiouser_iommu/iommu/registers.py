@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from vfiouser_iommu.iommu.commands import AtsEndpoint, CommandQueue
 from vfiouser_iommu.iommu.config import Igs
 from vfiouser_iommu.iommu.debug import DebugInterface
+from vfiouser_iommu.iommu.directory import MODE_1LVL, MODE_3LVL, MODE_BARE, MODE_OFF
 from vfiouser_iommu.iommu.faults import Fault
 from vfiouser_iommu.iommu.hpm import Hpm
 from vfiouser_iommu.iommu.interrupts import MSI_CFG_TBL_ENTRIES, Interrupts
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 REGISTER_FILE_SIZE = 0x1000
 MSI_CFG_TBL = 0x300
 _M32 = 0xFFFF_FFFF
-_MODE_OFF, _MODE_BARE, _MODE_1LVL, _MODE_3LVL = 0, 1, 2, 4
 _TTYP_NONE = 0
 
 
@@ -223,7 +223,7 @@ class RegisterFile:
     def _write_fctl(self, value: int, mask: int) -> None:
         # The spec leaves fctl changes UNSPECIFIED while translating or with a queue on;
         # they are ignored then, so the byte order never changes under a running queue.
-        if DDTP.get(self.iommu.ddtp, "iommu_mode") >= _MODE_1LVL or self._any_queue_on():
+        if DDTP.get(self.iommu.ddtp, "iommu_mode") >= MODE_1LVL or self._any_queue_on():
             return
         writable = self._fctl_writable_mask() & mask
         self.iommu.fctl = (self.iommu.fctl & ~writable) | (value & writable)
@@ -252,9 +252,9 @@ class RegisterFile:
         produces). Reserved modes and xLVL→other xLVL are ignored, so an unsupported
         request never reads back as a different level.
         """
-        if mode > _MODE_3LVL:
+        if mode > MODE_3LVL:
             return False
-        return old_mode <= _MODE_BARE or mode <= _MODE_BARE or mode == old_mode
+        return old_mode <= MODE_BARE or mode <= MODE_BARE or mode == old_mode
 
     def _read_cqcsr(self) -> int:
         self.cq.process(self.inline_budget)
@@ -266,7 +266,7 @@ class RegisterFile:
     # -- reset and the caller's work loop ---------------------------------------------
     def reset(self) -> None:
         """Spec reset: queues, ipsr, debug off; ddtp Off with PPN 0; caches empty."""
-        self.iommu.ddtp = DDTP.encode(iommu_mode=_MODE_OFF)
+        self.iommu.ddtp = DDTP.encode(iommu_mode=MODE_OFF)
         self.iommu.fctl = self._fctl_reset()
         self.iommu_qosid = 0
         for unit in (self.irq, self.cq, self.fq, self.pq, self.hpm, self.debug):

@@ -16,10 +16,10 @@ import time
 import pytest
 
 from vfiouser_iommu import topology
-from vfiouser_iommu.cli.serve import start_server_process
 from vfiouser_iommu.endpoints import testdev
 from vfiouser_iommu.lab.pci import PciBus
 from vfiouser_iommu.lab.qtest import QTest
+from vfiouser_iommu.lab.stack import start_server_process
 from vfiouser_iommu.vfio_user import wire
 from vfiouser_iommu.vfio_user.client import Client
 

@@ -13,8 +13,8 @@ import signal
 import pytest
 
 from vfiouser_iommu import topology
-from vfiouser_iommu.cli.serve import start_server_process
 from vfiouser_iommu.lab.boot import guest_initramfs, kernel_args, machine_args, run_guest
+from vfiouser_iommu.lab.stack import start_server_process
 
 pytestmark = pytest.mark.guest
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import pytest
 
 from vfiouser_iommu import topology
-from vfiouser_iommu.cli.serve import start_server_process
 from vfiouser_iommu.endpoints import testdev
 from vfiouser_iommu.lab.pci import PciBus, PciDevice
 from vfiouser_iommu.lab.qtest import QTest
+from vfiouser_iommu.lab.stack import start_server_process
 
 pytestmark = pytest.mark.qtest
 

@@ -83,25 +83,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{spec.kind}@{spec.addr}: {spec.socket_path(args.socket_dir)}", flush=True)
     server.serve_forever()
     return 0
-
-
-def start_server_process(socket_dir: Path, specs: list[str], *, verbose: int = 0,
-                         stderr=None, timeout: float = 20.0):
-    """Run `vfiouser-iommu serve` for `specs` in a child process; return it once every
-    socket listens. Stop it with SIGTERM (it then exits 0 and removes its sockets)."""
-    import select
-    import subprocess
-
-    argv = [sys.executable, "-m", "vfiouser_iommu", *(["-v"] * verbose), "serve",
-            "--socket-dir", str(socket_dir)]
-    for spec in specs:
-        argv += ["--endpoint", spec]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    for _ in specs:
-        ready = select.select([proc.stdout], [], [], timeout)[0]
-        line = proc.stdout.readline() if ready else ""
-        if not line:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"vfiouser-iommu serve did not start: {argv}")
-    return proc

@@ -29,6 +29,37 @@ class StackError(Exception):
     pass
 
 
+def start_server_process(socket_dir: Path, specs: list[str], *, iommu: str | None = None,
+                         verbose: int = 0, stderr=None, timeout: float = 30.0
+                         ) -> subprocess.Popen:
+    """Run `vfiouser-iommu serve` for the endpoint `specs` (and the IOMMU at `iommu`,
+    `SS.F[,options]`) in a child process of its own session; return it once every
+    socket listens. Stop it with SIGTERM (it then exits 0 and removes its sockets).
+    Raises StackError if it exits or stays silent instead."""
+    argv = [sys.executable, "-m", "vfiouser_iommu", *(["-v"] * verbose), "serve",
+            "--socket-dir", str(socket_dir)]
+    if iommu is not None:
+        argv += ["--iommu", iommu]
+    for spec in specs:
+        argv += ["--endpoint", spec]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr,
+                            start_new_session=True)
+    # serve prints one line per function once its socket listens. Raw reads: a
+    # buffered readline could swallow several lines that select() then never reports.
+    deadline, seen = time.monotonic() + timeout, b""
+    while seen.count(b"\n") < len(specs) + (iommu is not None):
+        left = deadline - time.monotonic()
+        ready = left > 0 and select.select([proc.stdout], [], [], left)[0]
+        chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+        if not chunk:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            raise StackError(f"vfiouser-iommu serve did not start: {' '.join(argv)}")
+        seen += chunk
+    return proc
+
+
 DEFAULT_ENDPOINTS = ("iommu-testdev@02.0", "virtio-blk@03.0", "virtio-rng@04.0")
 
 
@@ -72,34 +103,19 @@ class OurStack:
         self.functions = parse_functions(self.topology.iommu,
                                          self.topology.endpoint_specs(self.disk))
 
-    def server_argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "vfiouser_iommu", *(["-v"] * self.verbose), "serve",
-                "--socket-dir", str(self.socket_dir), "--iommu", self.topology.iommu_spec()]
-        for spec in self.topology.endpoint_specs(self.disk):
-            argv += ["--endpoint", spec]
-        return argv
-
     def start(self, timeout: float = 30.0) -> OurStack:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         if not self.disk.exists():
             with open(self.disk, "wb") as f:
                 f.truncate(self.disk_size)
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.server_argv(), stdout=subprocess.PIPE, stderr=log,
-                                     start_new_session=True)
-        log.close()
-        # serve prints one line per function once its socket listens. Raw reads: a
-        # buffered readline could swallow several lines that select() then never reports.
-        deadline, seen = time.monotonic() + timeout, b""
-        while seen.count(b"\n") < len(self.functions):
-            left = deadline - time.monotonic()
-            ready = left > 0 and select.select([self.proc.stdout], [], [], left)[0]
-            chunk = os.read(self.proc.stdout.fileno(), 4096) if ready else b""
-            if not chunk:
-                self.stop()
-                raise StackError("vfiouser-iommu serve did not start: "
-                                 + self.server_log()[-800:])
-            seen += chunk
+        with open(self.log_path, "w") as log:
+            try:
+                self.proc = start_server_process(
+                    self.socket_dir, self.topology.endpoint_specs(self.disk),
+                    iommu=self.topology.iommu_spec(), verbose=self.verbose, stderr=log,
+                    timeout=timeout)
+            except StackError as e:
+                raise StackError(f"{e}\n{self.server_log()[-800:]}") from None
         return self
 
     def stop(self) -> int | None:

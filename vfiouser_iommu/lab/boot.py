@@ -155,7 +155,7 @@ def smoke_boot(lab: Lab, timeout: float = 120) -> float:
     return run.seconds
 
 
-def reference_args(lab: Lab, disk: Path, iommu_addr: str = "01.0", blk_addr: str = "02.0",
+def reference_args(disk: Path, iommu_addr: str = "01.0", blk_addr: str = "02.0",
                    rng_addr: str = "03.0") -> list[str]:
     """QEMU's built-in riscv-iommu-pci with virtio-blk and virtio-rng behind it."""
     return [
@@ -180,7 +180,7 @@ def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = 
     with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
         initrd = guest_initramfs(lab, script, files=files).write(Path(tmp) / "initrd.gz")
         disk = make_scratch_disk(Path(tmp) / "disk.img", disk_size)
-        argv = (machine_args(lab) + kernel_args(lab, initrd) + reference_args(lab, disk))
+        argv = (machine_args(lab) + kernel_args(lab, initrd) + reference_args(disk))
         return run_guest(argv, timeout, echo)
 
 

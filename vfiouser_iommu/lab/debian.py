@@ -306,7 +306,7 @@ def extract(deb: Path, dest: Path, members: Iterable[str] = ()) -> None:
         untar = subprocess.run(cmd, stdin=tar.stdout, stderr=subprocess.PIPE)
         tar.stdout.close()
         tar.wait()
-        if tar.returncode != 0 or untar.returncode not in (0,):
+        if tar.returncode != 0 or untar.returncode != 0:
             err.seek(0)
             why = (err.read() + untar.stderr).decode(errors="replace").strip().splitlines()
             raise LabError(f"unpacking {deb.name} failed: {why[-1] if why else 'unknown'}")

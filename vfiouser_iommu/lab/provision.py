@@ -30,7 +30,7 @@ from vfiouser_iommu.lab.debian import (
     extract,
     relink_absolute_symlinks,
 )
-from vfiouser_iommu.lab.paths import Lab, NoLab, lab_dir, load_lab
+from vfiouser_iommu.lab.paths import MANIFEST, Lab, NoLab, lab_dir, load_lab
 
 SUITE = "sid"
 HOST_ARCH = "amd64"
@@ -268,7 +268,7 @@ def provision(root: Path | None = None, kernel: Path | None = None,
                 say("the lab's QEMU no longer works; provisioning again")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        (root / "lab.json").unlink(missing_ok=True)
+        (root / MANIFEST).unlink(missing_ok=True)
         archive = Archive(apt_mirror(), root / "downloads", say)
         say(f"Debian archive: {archive.mirror} ({SUITE})")
         qemu_version_s, qemu_source = provision_qemu(root, archive, say)

@@ -20,6 +20,7 @@ setup(
         "cffi>=1.15",
         "pylibfdt>=1.7",
         "pyroute2>=0.7",
+        "junitparser>=3",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff"],

@@ -1,28 +1,26 @@
 """Guest: a stock Linux guest whose riscv-iommu driver runs on OUR IOMMU.
 
-One boot (tests/guest/scripts/our_iommu.sh) proves the driver probes our vfio-user
-function, its MSI-X vectors are wired, every endpoint sits in an IOMMU group, the
-driver's commands complete in our command queue, virtio-blk and virtio-rng do their
-DMA through our translation, and a DMA fault provoked in the guest reaches the fault
-queue, raises the IOMMU's interrupt and is printed by the driver. A second boot
-(scripts/reboot.sh) reboots the guest: QEMU resets our functions and the driver
-probes again.
+One boot (vfiouser_iommu/lab/guest/our_iommu.sh, which `smoke` runs too) proves the
+driver probes our vfio-user function, its MSI-X vectors are wired, every endpoint sits
+in an IOMMU group, the driver's commands complete in our command queue, virtio-blk and
+virtio-rng do their DMA through our translation, and a DMA fault provoked in the guest
+reaches the fault queue, raises the IOMMU's interrupt and is printed by the driver. A
+second boot (lab/guest/reboot.sh) reboots the guest: QEMU resets our functions and the
+driver probes again.
 """
 
 import hashlib
 import re
-from pathlib import Path
 
 import pytest
 
-from vfiouser_iommu.lab.boot import boot_ours
+from vfiouser_iommu.lab.boot import boot_ours, default_script
 
 pytestmark = pytest.mark.guest
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def boot(lab, workdir, script, **kwargs):
-    return boot_ours(lab, (SCRIPTS / script).read_text(), timeout=240, echo=None,
+    return boot_ours(lab, default_script(script), timeout=240, echo=None,
                      workdir=workdir, **kwargs)
 
 
@@ -103,7 +101,6 @@ def test_reboot_resets_our_functions_and_the_driver_probes_again(lab, tmp_path):
 
 
 def test_another_topology_iommu_at_05_and_blk_at_02(lab, tmp_path):
-    from vfiouser_iommu.lab.boot import default_script
     from vfiouser_iommu.lab.stack import Topology
 
     topology = Topology.parse("05.0", ["virtio-blk@02.0", "virtio-rng@04.0"])

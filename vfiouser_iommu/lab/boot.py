@@ -187,7 +187,8 @@ def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = 
 def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
               topology=None, workdir: Path | None = None, memory: str = DEFAULT_MEMORY,
               verbose: int = 1, reboot: bool = False, disk_size: int = 64 << 20,
-              files: dict[str, bytes] | None = None) -> GuestRun:
+              files: dict[str, bytes] | None = None,
+              on_line: Callable[[str], None] | None = None, append: str = "") -> GuestRun:
     """Boot a guest on our IOMMU (a `vfiouser-iommu serve` child) with its endpoints.
 
     `workdir` keeps the sockets, the scratch disk, the DTB and the server log; a
@@ -205,7 +206,9 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
         dtb = stack.write_dtb(machine)
         initrd = guest_initramfs(lab, script, files=files).write(work / "initrd.gz")
         with stack:
-            argv = machine + kernel_args(lab, initrd) + stack.qemu_args() + ["-dtb", str(dtb)]
-            run = run_guest(argv, timeout, echo)
+            cmdline = f"{KERNEL_CMDLINE} {append}".strip()
+            argv = (machine + kernel_args(lab, initrd, cmdline) + stack.qemu_args()
+                    + ["-dtb", str(dtb)])
+            run = run_guest(argv, timeout, echo, on_line)
         run.server_log = stack.server_log()
         return run

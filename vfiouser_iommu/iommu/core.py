@@ -105,6 +105,12 @@ class RiscvIommu:
         c = self.config
         self.caches = TranslationCaches(c.ddt_cache_entries, c.pdt_cache_entries,
                                         c.iotlb_entries, c.gtlb_entries, c.msi_cache_entries)
+        # True while an introspection mode is on that only this (reference) Python path
+        # implements: the invalidation checker, negative caching, a cache mode other than
+        # `spec`, per-translation tracing (docs/introspection.md). A fast path must step
+        # aside while it is set. A plain attribute, kept current by whatever switches a
+        # mode, so reading it costs one attribute load.
+        self.needs_reference_path = False
         # ---- part 2 (programming interface) hooks in below this line ----
         self.regs = RegisterFile(self)
 

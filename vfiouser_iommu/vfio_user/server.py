@@ -6,6 +6,10 @@ the first is connected. All sockets, connections and deferred callbacks share on
 `selectors` loop, so no client request ever waits behind another function's work.
 SIGTERM and SIGINT stop the loop cleanly: connections are closed (dropping their DMA
 maps and eventfds) and the socket files removed.
+
+Other file descriptors can join the same loop with `watch(fileobj, events, callback)`
+(the control socket does), so that everything the process serves shares one thread
+and nothing needs a lock.
 """
 
 from __future__ import annotations
@@ -73,6 +77,23 @@ class Server:
         log.info("%s listening on %s", function.name, path)
         return port
 
+    def watch(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        """Call `callback(ready_events)` from the loop whenever `fileobj` is ready for
+        `events` (selectors.EVENT_READ and/or EVENT_WRITE, not 0); watching a watched
+        file again changes its events. The callback runs on the loop, so it must not
+        block; an exception it raises is logged and the loop goes on."""
+        try:
+            self.selector.modify(fileobj, events, ("watch", callback))
+        except KeyError:
+            self.selector.register(fileobj, events, ("watch", callback))
+
+    def unwatch(self, fileobj) -> None:
+        """Stop watching `fileobj` (no error if it is not watched)."""
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run `callback` from the loop soon; safe from other threads too."""
         self._soon.append(callback)
@@ -128,6 +149,12 @@ class Server:
                 pass
         except BlockingIOError:
             pass
+
+    def _on_watch(self, key, events, callback: Callable[[int], None]) -> None:
+        try:
+            callback(events)
+        except Exception:
+            log.exception("watcher of %r failed", key.fileobj)
 
     def _on_accept(self, key, events, port: FunctionPort) -> None:
         try:
@@ -201,6 +228,7 @@ class Server:
 
 _DISPATCH = {
     "wake": Server._on_wake,
+    "watch": Server._on_watch,
     "accept": Server._on_accept,
     "session": Server._on_session,
 }

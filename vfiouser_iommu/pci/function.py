@@ -54,6 +54,13 @@ class FunctionHost(Protocol):
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run `callback` from the event loop after the current message."""
 
+    def watch_fd(self, fd: int, callback: Callable[[], None] | None) -> None:
+        """Run `callback` from the event loop whenever `fd` is readable; None stops it.
+
+        For a device's own file descriptors (a tap); the callback must not block and
+        should bound its work per call: the loop calls it again while `fd` stays readable.
+        """
+
 
 class DetachedHost:
     """The host of a function that nobody serves: interrupts go nowhere."""
@@ -63,6 +70,9 @@ class DetachedHost:
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         callback()
+
+    def watch_fd(self, fd: int, callback: Callable[[], None] | None) -> None:
+        pass
 
 
 class PciFunction:

@@ -50,6 +50,12 @@ class FunctionPort:
     def call_soon(self, callback: Callable[[], None]) -> None:
         self.server.call_soon(callback)
 
+    def watch_fd(self, fd: int, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            self.server.unwatch(fd)
+        else:
+            self.server.watch(fd, selectors.EVENT_READ, lambda events: callback())
+
 
 class Server:
     """Serves PCI functions over vfio-user until stopped."""

@@ -3,11 +3,18 @@
 A `VirtioDevice` says its device ID, the features it offers, its queues and its
 device-specific configuration, and serves one descriptor chain at a time. It never
 sees the PCI transport; a test drives it with a chain and a `DmaView`.
+
+Most devices complete a chain as soon as they are handed it. A device whose work
+arrives from elsewhere (virtio-net's receive queue waits for packets) keeps the chain
+instead (`handle` returns None) and completes it later through its `DeviceContext`,
+which also lets it watch a file descriptor from the server's event loop.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol
 
 from ...memory import DmaView
 from .virtqueue import DescriptorChain
@@ -22,6 +29,32 @@ VIRTIO_F_ACCESS_PLATFORM = 33
 # the platform's IOMMU, indirect descriptors and event index.
 TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_ACCESS_PLATFORM
                       | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX)
+
+
+class DeviceContext(Protocol):
+    """What the transport offers a device beyond `handle` (VirtioPciFunction is one)."""
+
+    dma: DmaView
+
+    def complete(self, queue: int, used: list[tuple[int, int]]) -> bool:
+        """Return kept chains (head, bytes written) to `queue`'s used ring, notifying the
+        driver as the ring asks; False if the device may not complete anything now (not
+        running, or the ring just broke): the device should drop what it keeps."""
+
+    def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
+        """Call `callback` from the event loop whenever `fd` is readable; None stops."""
+
+
+class DetachedContext:
+    """The context of a device no transport serves: nothing completes, nothing is watched."""
+
+    dma: DmaView | None = None
+
+    def complete(self, queue: int, used: list[tuple[int, int]]) -> bool:
+        return False
+
+    def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
+        pass
 
 
 class DeviceNeedsReset(Exception):
@@ -39,6 +72,11 @@ class VirtioDevice(ABC):
 
     def __init__(self) -> None:
         self.driver_features = 0
+        self.context: DeviceContext = DetachedContext()
+
+    def bind(self, context: DeviceContext) -> None:
+        """Called by the transport that serves this device."""
+        self.context = context
 
     def device_features(self) -> int:
         """The device-type feature bits offered (bits 0-23); transport bits are added."""
@@ -60,8 +98,9 @@ class VirtioDevice(ABC):
         self.driver_features = 0
 
     @abstractmethod
-    def handle(self, queue: int, chain: DescriptorChain, dma: DmaView) -> int:
-        """Serve one chain from `queue`; bytes written into its writable buffers.
+    def handle(self, queue: int, chain: DescriptorChain, dma: DmaView) -> int | None:
+        """Serve one chain from `queue`; bytes written into its writable buffers, or None
+        when the device keeps the chain to complete it later (`DeviceContext.complete`).
 
         A data buffer that faults is the device's to report (in its status, if it has
         one); `DeviceNeedsReset` when it cannot complete the chain at all.

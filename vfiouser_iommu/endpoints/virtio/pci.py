@@ -110,6 +110,7 @@ class VirtioPciFunction(PciFunction):
             msix=MsixSpec(vectors, bir=BAR_MSIX, table_offset=0, pba_offset=0x800),
             interrupt_pin=1)
         self.name = device.name
+        device.bind(self)
         self._add_capabilities()
         self._scheduled = False
         self._mmio_reads = self._read_handlers()
@@ -332,7 +333,9 @@ class VirtioPciFunction(PciFunction):
         try:
             for _ in range(min(vq.pending(self.dma), STEP_BUDGET)):
                 chain = vq.pop(self.dma, indirect=indirect)
-                vq.push(self.dma, chain.head, self.device.handle(vq.index, chain, self.dma))
+                written = self.device.handle(vq.index, chain, self.dma)
+                if written is not None:
+                    vq.push(self.dma, chain.head, written)
             if event_idx:
                 vq.set_avail_event(self.dma)
                 # A chain published before the driver saw the new avail_event was not
@@ -347,6 +350,27 @@ class VirtioPciFunction(PciFunction):
             self.needs_reset(f"queue {vq.index}: {e}")
             return False
         return more
+
+    # -- DeviceContext: chains a device kept, and the file descriptors it watches ------------
+    def complete(self, queue: int, used: list[tuple[int, int]]) -> bool:
+        """Push chains the device kept back then; one notification for the batch."""
+        vq = self.queues[queue]
+        if not (self.running and vq.enabled):
+            return False
+        old_used = vq.used_idx
+        try:
+            for head, written in used:
+                vq.push(self.dma, head, written)
+            if vq.needs_interrupt(self.dma, old_used,
+                                  event_idx=self._negotiated(VIRTIO_F_EVENT_IDX)):
+                self._interrupt(vq.msix_vector, ISR_QUEUE)
+        except DmaError as e:
+            self.needs_reset(f"queue {queue}: {e}")
+            return False
+        return True
+
+    def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
+        self.host.watch_fd(fd, callback)
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         """Sections 4.1.5.3-4: MSI-X when enabled (none for NO_VECTOR), else ISR + INTx."""

@@ -8,6 +8,7 @@ and reads the used rings back. Nothing here is used by the server.
 
 from __future__ import annotations
 
+import select
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,13 @@ RING_AREA = 0x4000  # bytes of guest memory per queue: descriptors, avail, used
 
 
 class FakeHost:
-    """Records every interrupt; `run` executes what the function deferred."""
+    """Records every interrupt; `run` executes what the function deferred and, like the
+    server's loop, calls the callbacks of watched file descriptors that are readable."""
 
     def __init__(self) -> None:
         self.irqs: list[tuple[int, int]] = []
         self.soon: deque[Callable[[], None]] = deque()
+        self.watched: dict[int, Callable[[], None]] = {}
 
     def trigger(self, irq_index: int, vector: int) -> bool:
         self.irqs.append((irq_index, vector))
@@ -44,11 +47,30 @@ class FakeHost:
     def call_soon(self, callback: Callable[[], None]) -> None:
         self.soon.append(callback)
 
+    def watch_fd(self, fd: int, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            self.watched.pop(fd, None)
+        else:
+            self.watched[fd] = callback
+
+    def readable(self) -> list[int]:
+        """The watched file descriptors that are readable now."""
+        if not self.watched:
+            return []
+        return select.select(list(self.watched), [], [], 0)[0]
+
     def run(self, limit: int = 10_000) -> int:
-        """Run deferred callbacks until none is left; how many ran."""
+        """Run deferred callbacks and readable fds' callbacks until neither is left (or
+        `limit` calls); how many ran."""
         ran = 0
-        while self.soon and ran < limit:
-            self.soon.popleft()()
+        while ran < limit:
+            if self.soon:
+                self.soon.popleft()()
+            else:
+                ready = self.readable()
+                if not ready:
+                    break
+                self.watched[ready[0]]()
             ran += 1
         return ran
 

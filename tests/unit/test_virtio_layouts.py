@@ -7,11 +7,14 @@ from hypothesis import strategies as st
 
 from vfiouser_iommu.endpoints.virtio.layouts import (
     VIRTIO_BLK_REQ,
+    VIRTIO_NET_HDR,
     VIRTQ_DESC,
     VIRTQ_USED_ELEM,
     field_offsets,
     virtio_blk_config,
     virtio_blk_req,
+    virtio_net_config,
+    virtio_net_hdr,
     virtio_pci_cap,
     virtio_pci_common_cfg,
     virtio_pci_notify_cap,
@@ -65,6 +68,22 @@ def test_used_elem_codec_agrees_with_construct(ident, length):
 def test_blk_req_codec_agrees_with_construct(req_type, reserved, sector):
     built = virtio_blk_req.build(dict(type=req_type, reserved=reserved, sector=sector))
     assert VIRTIO_BLK_REQ.unpack(built) == (req_type, reserved, sector)
+
+
+def test_net_config_offsets_are_the_specs():
+    off = field_offsets(virtio_net_config)
+    assert (off["mac"], off["status"], off["max_virtqueue_pairs"], off["mtu"]) == (0, 6, 8, 10)
+    assert virtio_net_hdr.sizeof() == 12
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.tuples(st.integers(0, 0xFF), st.integers(0, 0xFF), u16, u16, u16, u16, u16))
+def test_net_hdr_codec_agrees_with_construct(fields):
+    names = ("flags", "gso_type", "hdr_len", "gso_size", "csum_start", "csum_offset",
+             "num_buffers")
+    built = virtio_net_hdr.build(dict(zip(names, fields, strict=True)))
+    assert VIRTIO_NET_HDR.pack(*fields) == built
+    assert VIRTIO_NET_HDR.unpack(built) == fields
 
 
 def test_need_event_follows_the_spec_formula():

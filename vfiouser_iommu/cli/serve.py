@@ -25,7 +25,12 @@ endpoint's requester ID (bus 0, so its devfn). IOMMU options after the address:
 caps=0xVALUE (the whole capabilities register) and/or capability flags such as
 ats=off, sv57=off, msi_flat=off, pas=48 (default: everything we implement).
 
-Endpoint kinds: {", ".join(sorted(ENDPOINTS))}.
+Endpoint kinds: {", ".join(sorted(ENDPOINTS))}. Options:
+  iommu-testdev@SS.F
+  virtio-blk@SS.F,disk=PATH[,readonly=on]
+  virtio-rng@SS.F
+  virtio-net@SS.F,tap=NAME[,netns=NAME][,mac=XX:XX:XX:XX:XX:XX]
+      an existing tap, in network namespace NAME (/run/netns/NAME or a path) if given
 Example: vfiouser-iommu serve --socket-dir /tmp/vfu --iommu 01.0 \\
              --endpoint iommu-testdev@02.0 --endpoint virtio-blk@03.0,disk=disk.img
 """

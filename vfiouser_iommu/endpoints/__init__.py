@@ -15,6 +15,7 @@ ENDPOINTS: dict[str, Callable[[dict[str, str]], PciFunction]] = {
     "iommu-testdev": testdev.build,
     "virtio-blk": virtio.build_blk,
     "virtio-rng": virtio.build_rng,
+    "virtio-net": virtio.build_net,
 }
 
 

@@ -1,8 +1,9 @@
 """Layouts of virtio 1.2 (OASIS virtio-v1.2-cs01) that our PCI endpoints use.
 
 Written once as `construct` definitions named as in the spec: the PCI capabilities and
-common configuration (section 4.1.4), split virtqueue structures (section 2.7), and
-virtio-blk configuration and request header (section 5.2). The hot path uses the
+common configuration (section 4.1.4), split virtqueue structures (section 2.7),
+virtio-blk configuration and request header (section 5.2), and virtio-net
+configuration and packet header (section 5.1). The hot path uses the
 precompiled `struct` codecs at the bottom; tests prove they agree with the definitions.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import struct
 
-from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 # -- PCI capabilities (section 4.1.4) --------------------------------------------------------
 virtio_pci_cap = Struct(
@@ -128,6 +129,28 @@ virtio_blk_req = Struct(
     "sector" / Int64ul,
 )
 
+# -- virtio-net (section 5.1) ------------------------------------------------------------------
+# The fields up to `mtu`; the RSS/hash fields after it belong to features we do not offer.
+virtio_net_config = Struct(
+    "mac" / Bytes(6),
+    "status" / Int16ul,
+    "max_virtqueue_pairs" / Int16ul,
+    "mtu" / Int16ul,
+)
+
+# `struct virtio_net_hdr` as VIRTIO_F_VERSION_1 lays it out: always 12 bytes, num_buffers
+# included whether or not VIRTIO_NET_F_MRG_RXBUF is negotiated (section 5.1.6).
+virtio_net_hdr = Struct(
+    "flags" / Int8ul,
+    "gso_type" / Int8ul,
+    "hdr_len" / Int16ul,
+    "gso_size" / Int16ul,
+    "csum_start" / Int16ul,
+    "csum_offset" / Int16ul,
+    "num_buffers" / Int16ul,
+)
+
+
 def field_offsets(layout: Struct) -> dict[str, int]:
     """The byte offset of each named field of a fixed-size `Struct`."""
     offsets, pos = {}, 0
@@ -142,3 +165,4 @@ def field_offsets(layout: Struct) -> dict[str, int]:
 VIRTQ_DESC = struct.Struct("<QIHH")
 VIRTQ_USED_ELEM = struct.Struct("<II")
 VIRTIO_BLK_REQ = struct.Struct("<IIQ")
+VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")

@@ -18,6 +18,7 @@ import logging
 
 from vfiouser_iommu.iommu import IommuConfig, RiscvIommu
 from vfiouser_iommu.iommu.config import CAPABILITY_FIELDS
+from vfiouser_iommu.iommu.request import HpmEvent
 from vfiouser_iommu.pci.config import BarSpec, MsixSpec, PciIdentity
 from vfiouser_iommu.pci.function import PciFunction
 
@@ -79,7 +80,19 @@ class IommuFunction(PciFunction):
         self._schedule()
 
     def on_reset(self) -> None:
+        self._log_events("reset")
         self.iommu.reset()
+
+    def on_disconnect(self) -> None:
+        self._log_events("client left")
+
+    def _log_events(self, why: str) -> None:
+        """The IOMMU's event totals so far (what the HPM events count, for every device):
+        a cheap record of how much DMA it translated, read only here."""
+        counts = self.iommu.counters
+        if counts:
+            log.info("riscv-iommu: %s; events so far: %s", why, " ".join(
+                f"{HpmEvent(e).name.lower()}={n}" for e, n in sorted(counts.items())))
 
 
 _SWITCH = {"on": True, "off": False}

@@ -37,7 +37,7 @@ HOST_ARCH = "amd64"
 QEMU_DEVICES = ("vfio-user-pci", "riscv-iommu-pci", "iommu-testdev")
 QEMU_MIN = (10, 1)
 # Guest modules the tests load; their dependencies come along from modules.dep.
-GUEST_MODULES = ("virtio_blk", "virtio_rng", "vfio_pci")
+GUEST_MODULES = ("virtio_blk", "virtio_rng", "vfio_pci", "virtio_net")
 # Run-time dependencies of qemu-system-riscv that QEMU does not need to run a
 # riscv64 guest headless (maintainer-script tools, x86 firmware, the base system).
 QEMU_SKIP = ("ipxe-qemu", "debconf", "perl-base", "dpkg", "adduser", "init-system-helpers",
@@ -248,6 +248,28 @@ def provision_busybox(root: Path, archive: Archive, say: Progress) -> tuple[str,
 
 # -- the whole lab ---------------------------------------------------------------------------
 
+def missing_guest_modules(lab: Lab) -> list[str]:
+    """GUEST_MODULES that a lab provisioned before they were added does not have."""
+    return [m for m in GUEST_MODULES if m not in lab.modules]
+
+
+def _refresh_kernel(lab: Lab, missing: list[str], check_boot: bool, say: Progress) -> Lab:
+    """Fetch Debian's kernel and modules again, for modules added to GUEST_MODULES since
+    the lab was made; QEMU and busybox stay."""
+    root = Path(lab.root)
+    say(f"the lab lacks the guest modules {' '.join(missing)}: fetching the kernel again")
+    (root / MANIFEST).unlink(missing_ok=True)
+    archive = Archive(apt_mirror(), root / "downloads", say)
+    for key, value in provision_kernel(root, archive, None, None, say).items():
+        setattr(lab, key, value)
+    if check_boot:
+        from vfiouser_iommu.lab.boot import smoke_boot
+
+        say(f"kernel booted to its init and powered off in {smoke_boot(lab):.1f}s")
+    lab.save()
+    return lab
+
+
 def provision(root: Path | None = None, kernel: Path | None = None,
               modules: Path | None = None, refresh: bool = False,
               check_boot: bool = True, say: Progress = _say) -> Lab:
@@ -262,6 +284,12 @@ def provision(root: Path | None = None, kernel: Path | None = None,
         else:
             if kernel is None or lab.kernel_source == f"user {kernel}":
                 if qemu_qualifies(lab.qemu):
+                    missing = missing_guest_modules(lab)
+                    if missing and not lab.kernel_source.startswith("user "):
+                        return _refresh_kernel(lab, missing, check_boot, say)
+                    if missing:
+                        say(f"your kernel's modules lack {' '.join(missing)}; the guest tests "
+                            "that need them will fail (provision with --modules again)")
                     say(f"lab at {root} is complete (QEMU {lab.qemu_version}, kernel "
                         f"{lab.kernel_version}); checked in {time.monotonic() - started:.1f}s")
                     return lab

@@ -65,11 +65,16 @@ DEFAULT_ENDPOINTS = ("iommu-testdev@02.0", "virtio-blk@03.0", "virtio-rng@04.0")
 
 @dataclass
 class Topology:
-    """Where our functions sit. A virtio-blk without `disk=` gets the scratch image."""
+    """Where our functions sit. A virtio-blk without `disk=` gets the scratch image.
+
+    Endpoints whose address is in `outside_iommu_map` are left out of the DTB's
+    iommu-map: Linux then never attaches them to the IOMMU, their device context stays
+    invalid, and every DMA they make faults (a way to provoke endpoint faults)."""
 
     iommu: str = "01.0"
     iommu_options: str = ""          # e.g. "caps=0x..." or named flags, as `serve` takes
     endpoints: list[str] = field(default_factory=lambda: list(DEFAULT_ENDPOINTS))
+    outside_iommu_map: list[str] = field(default_factory=list)  # SS.F addresses
 
     @classmethod
     def parse(cls, iommu: str | None, endpoints: list[str]) -> Topology:
@@ -149,8 +154,10 @@ class OurStack:
 
     def write_dtb(self, machine_argv: list[str]) -> Path:
         """The machine's DTB with a riscv,pci-iommu node for our IOMMU and an iommu-map
-        covering exactly our endpoints' requester IDs."""
-        endpoints = [f.requester_id for f in self.functions if f.devfn != self.iommu_bdf]
+        covering exactly our endpoints' requester IDs (less `outside_iommu_map`)."""
+        outside = {parse_address(a) for a in self.topology.outside_iommu_map}
+        endpoints = [f.requester_id for f in self.functions
+                     if f.devfn != self.iommu_bdf and (f.slot, f.function) not in outside]
         dtb = add_pci_iommu(dump_dtb(machine_argv), self.iommu_bdf, endpoints)
         path = self.workdir / "virt.dtb"
         path.write_bytes(dtb)

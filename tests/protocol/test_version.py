@@ -80,3 +80,15 @@ def test_version_with_fds_is_einval(served):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_deeply_nested_json_is_einval_not_eio(served):
+    """Issue 14 item 2: json.loads raised RecursionError, which became EIO and a
+    traceback ("bug handling command VERSION")."""
+    s = served()
+    client = s.connect()
+    nested = b"[" * 1000 + b"]" * 1000 + b"\0"
+    assert client.errno_of(Command.VERSION, _version(nested)) == errno.EINVAL
+    nested_objects = b'{"a":' * 100000 + b"1" + b"}" * 100000 + b"\0"
+    assert client.errno_of(Command.VERSION, _version(nested_objects)) == errno.EINVAL
+    client.negotiate()

@@ -675,7 +675,8 @@ def _parse_client_caps(raw: bytes) -> dict:
         raise ProtocolError(errno.EINVAL, "VERSION JSON not NUL-terminated")
     try:
         doc = json.loads(raw[:-1].decode())
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: nesting deeper than the interpreter's stack (issue 14).
         raise ProtocolError(errno.EINVAL, f"VERSION JSON: {e}") from None
     caps = doc.get("capabilities", {}) if isinstance(doc, dict) else None
     if not isinstance(caps, dict):

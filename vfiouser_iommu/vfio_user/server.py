@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..pci.function import PciFunction
+from .logthrottle import LogThrottle
 from .session import Session
 from .wire import DmaLayout
 
@@ -39,6 +40,8 @@ class FunctionPort:
         self.function = function
         self.path = path
         self.session: Session | None = None
+        # Outlives connections, so that reconnecting gets a client no fresh burst.
+        self.throttle = LogThrottle(log, function.name)
         self.listener = _listen(path)
         function.attach(self)
 
@@ -173,13 +176,15 @@ class Server:
             if port.session.closed:
                 self._forget(port, port.session.sock)
         if port.session is not None and not port.session.closed:
-            log.warning("%s: second client refused (one client per socket)", port.function.name)
+            port.throttle.log("refused second clients", logging.WARNING,
+                              "%s: second client refused (one client per socket)",
+                              port.function.name)
             conn.close()
             return
         conn.setblocking(False)
         session = Session(conn, port.function, call_soon=self.call_soon,
                           want_write=self._want_write, dma_layout=self.dma_layout,
-                          max_dma_maps=self.max_dma_maps)
+                          max_dma_maps=self.max_dma_maps, throttle=port.throttle)
         port.session = session
         self.selector.register(conn, selectors.EVENT_READ, ("session", port))
         log.info("%s: client connected", port.function.name)
@@ -216,6 +221,7 @@ class Server:
     # -- teardown --------------------------------------------------------------------------
     def close(self) -> None:
         for port in self.ports.values():
+            port.throttle.flush()
             if port.session is not None:
                 sock = port.session.sock
                 port.session.close()

@@ -39,6 +39,7 @@ from ..pci.function import (
 )
 from . import wire
 from .dma import DmaMapError, DmaMapTable
+from .logthrottle import LogThrottle
 from .wire import HEADER, HEADER_SIZE, Command, DmaLayout
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,13 @@ class Session:
                  call_soon: Callable[[Callable[[], None]], None],
                  want_write: Callable[[Session, bool], None],
                  dma_layout: DmaLayout = DmaLayout.SPEC,
-                 max_dma_maps: int = 65535) -> None:
+                 max_dma_maps: int = 65535,
+                 throttle: LogThrottle | None = None) -> None:
         self.sock = sock
         self.function = function
         self.name = function.name
+        # What the client does wrong is logged a burst at a time (logthrottle.py).
+        self.throttle = throttle or LogThrottle(log, self.name)
         self.call_soon = call_soon
         self._want_write = want_write
         self.dma_layout = dma_layout
@@ -179,8 +183,9 @@ class Session:
             msg_id, cmd, size, flags, _ = HEADER.unpack(self._hdr)
             fds, self._fds, self._hdr = self._fds, [], bytearray()
             _close_fds(fds)
-            log.warning("%s: message %d (command %d) of %d bytes exceeds %d; drained",
-                        self.name, msg_id, cmd, size, MAX_MSG_SIZE)
+            self.throttle.log("oversized messages", logging.WARNING,
+                              "%s: message %d (command %d) of %d bytes exceeds %d; drained",
+                              self.name, msg_id, cmd, size, MAX_MSG_SIZE)
             if flags & wire.TYPE_MASK == wire.TYPE_COMMAND:
                 self._send_error(msg_id, cmd, flags, errno.E2BIG)
         return True
@@ -214,12 +219,16 @@ class Session:
                 raise ProtocolError(errno.EINVAL, f"command {cmd} before VERSION")
             reply = handler(self, body, fds)
         except (ProtocolError, DmaMapError, RegionAccessError) as e:
-            log.warning("%s: command %s failed (%s): %s", self.name, _cmd_name(cmd),
-                        errno.errorcode.get(e.errno, e.errno), e)
+            error = errno.errorcode.get(e.errno, str(e.errno))
+            self.throttle.log(f"{_kind(cmd)} failures ({error})", logging.WARNING,
+                              "%s: command %s failed (%s): %s", self.name, _cmd_name(cmd),
+                              error, e)
             self._send_error(msg_id, cmd, flags, e.errno)
             return
         except Exception:
-            log.exception("%s: bug handling command %s", self.name, _cmd_name(cmd))
+            self.throttle.log(f"{_kind(cmd)} internal errors", logging.ERROR,
+                              "%s: bug handling command %s", self.name, _cmd_name(cmd),
+                              exc_info=True)
             self._send_error(msg_id, cmd, flags, errno.EIO)
             return
         finally:
@@ -476,7 +485,8 @@ class Session:
             try:
                 r_addr, r_count, data = wire.decode_dma_payload(layout, payload)
             except ValueError as e:
-                log.warning("%s: bad DMA_READ reply: %s", self.name, e)
+                self.throttle.log("malformed DMA_READ replies", logging.WARNING,
+                                  "%s: bad DMA_READ reply: %s", self.name, e)
                 done(errno.EPROTO, b"")
                 return
             if (r_addr, r_count) != (addr, count):
@@ -502,12 +512,15 @@ class Session:
     def _on_reply(self, msg_id: int, cmd: int, flags: int, error_no: int, body: bytes) -> None:
         on_reply = self._pending.pop(msg_id, None)
         if on_reply is None:
-            log.warning("%s: unsolicited reply id %d (command %d) dropped", self.name, msg_id, cmd)
+            self.throttle.log("unsolicited replies", logging.WARNING,
+                              "%s: unsolicited reply id %d (command %d) dropped", self.name,
+                              msg_id, cmd)
             return
         error = min(max(error_no, 1), 4096) if flags & wire.FLAG_ERROR else 0
         if error:
-            log.warning("%s: client answered our %s with %s", self.name, _cmd_name(cmd),
-                        errno.errorcode.get(error, error))
+            self.throttle.log(f"error replies to our {_kind(cmd)}", logging.WARNING,
+                              "%s: client answered our %s with %s", self.name,
+                              _cmd_name(cmd), errno.errorcode.get(error, error))
         on_reply(error, body)
 
     # -- interrupts ------------------------------------------------------------------------
@@ -533,7 +546,9 @@ class Session:
         except BlockingIOError:
             pass  # the counter is saturated: the interrupt is pending already
         except OSError as e:
-            log.warning("%s: IRQ %d/%d eventfd write failed: %s", self.name, index, vector, e)
+            self.throttle.log("eventfd write failures", logging.WARNING,
+                              "%s: IRQ %d/%d eventfd write failed: %s", self.name, index,
+                              vector, e)
 
     # -- writing ---------------------------------------------------------------------------
     @property
@@ -611,6 +626,7 @@ class Session:
         self._out.clear()
         self._out_bytes = 0
         self.sock.close()
+        self.throttle.flush()
         self.function.disconnected()
 
 
@@ -701,6 +717,11 @@ def _cmd_name(cmd: int) -> str:
         return Command(cmd).name
     except ValueError:
         return str(cmd)
+
+
+def _kind(cmd: int) -> str:
+    """A command's name for log kinds: one of a small set, whatever the client sent."""
+    return Command(cmd).name if cmd in Command._value2member_map_ else "unknown command"
 
 
 _HANDLERS: dict[int, Callable[[Session, bytes, list[int]], bytes]] = {

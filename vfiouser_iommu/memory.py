@@ -164,8 +164,17 @@ class GuestMemory:
         raise KeyError(f"no region {gpa:#x}+{size:#x}")
 
     def overlapping(self, gpa: int, size: int) -> list[Region]:
+        """The regions [gpa, gpa+size) overlaps, in order: regions are sorted and
+        disjoint, so they are a run that starts at the one holding or following `gpa`."""
         end = gpa + size
-        return [r for r in self._regions if r.gpa < end and gpa < r.end]
+        regions = self._regions
+        i = max(bisect.bisect_right(self._starts, gpa) - 1, 0)
+        found = []
+        while i < len(regions) and regions[i].gpa < end:
+            if gpa < regions[i].end:
+                found.append(regions[i])
+            i += 1
+        return found
 
     @property
     def regions(self) -> tuple[Region, ...]:

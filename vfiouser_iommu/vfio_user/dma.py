@@ -15,6 +15,7 @@ ENOSPC.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import mmap
@@ -51,6 +52,9 @@ class DmaMapTable:
         self.memory = memory
         self.max_maps = max_maps
         self.mappings: dict[int, DmaMapping] = {}
+        # The maps' start addresses, sorted: maps are disjoint, so an overlap check
+        # needs only the neighbours of the new map (O(log n), issue 14).
+        self._starts: list[int] = []
 
     def __len__(self) -> int:
         return len(self.mappings)
@@ -65,6 +69,7 @@ class DmaMapTable:
                 os.close(fd)
         mapping = DmaMapping(addr, size, flags, region)
         self.mappings[addr] = mapping
+        bisect.insort(self._starts, addr)
         return mapping
 
     def _check_map(self, addr: int, size: int, flags: int, offset: int) -> None:
@@ -74,13 +79,23 @@ class DmaMapTable:
             raise DmaMapError(errno.EINVAL, f"unaligned DMA_MAP {addr:#x}+{size:#x}@{offset:#x}")
         if addr + size > 1 << 64:
             raise DmaMapError(errno.EINVAL, f"DMA_MAP {addr:#x}+{size:#x} wraps")
-        end = addr + size
-        for m in self.mappings.values():
-            if m.addr < end and addr < m.addr + m.size:
-                raise DmaMapError(errno.EEXIST,
-                                  f"DMA_MAP {addr:#x}+{size:#x} overlaps {m.addr:#x}+{m.size:#x}")
+        m = self._overlapped(addr, size)
+        if m is not None:
+            raise DmaMapError(errno.EEXIST,
+                              f"DMA_MAP {addr:#x}+{size:#x} overlaps {m.addr:#x}+{m.size:#x}")
         if len(self.mappings) >= self.max_maps:
             raise DmaMapError(errno.ENOSPC, f"more than {self.max_maps} DMA maps")
+
+    def _overlapped(self, addr: int, size: int) -> DmaMapping | None:
+        """A map that [addr, addr+size) overlaps, if any."""
+        i = bisect.bisect_right(self._starts, addr)
+        if i:
+            before = self.mappings[self._starts[i - 1]]
+            if before.addr + before.size > addr:
+                return before
+        if i < len(self._starts) and self._starts[i] < addr + size:
+            return self.mappings[self._starts[i]]
+        return None
 
     def _mmap(self, addr: int, size: int, flags: int, fd: int, offset: int) -> Region:
         prot = (mmap.PROT_READ if flags & DMA_MAP_READ else 0) | \
@@ -108,12 +123,14 @@ class DmaMapTable:
         if mapping is None or mapping.size != size:
             raise DmaMapError(errno.ENOENT, f"no DMA map {addr:#x}+{size:#x}")
         del self.mappings[addr]
+        del self._starts[bisect.bisect_left(self._starts, addr)]
         self._release(mapping)
         return mapping
 
     def unmap_all(self) -> list[DmaMapping]:
         gone = list(self.mappings.values())
         self.mappings.clear()
+        self._starts.clear()
         for mapping in gone:
             self._release(mapping)
         return gone

@@ -68,19 +68,54 @@ def test_map_without_fd_is_remembered_but_not_addressable(dev):
     assert _map(client, 0x2000, 0x1000) == errno.EEXIST
 
 
-def test_the_fd_lives_exactly_as_long_as_its_mapping(dev, ram):
-    # Python's mmap keeps its own dup of the fd; the server closes the one it received.
+def _vmas() -> int:
+    with open("/proc/self/maps", "rb") as maps:
+        return sum(1 for _ in maps)
+
+
+def test_a_map_keeps_no_fd_and_its_vma_goes_at_unmap(dev, ram):
+    # The server closes the fd it received once mmapped (issue 14: Python's mmap kept a
+    # dup per map, so a client's maps could exhaust the fd table).
     s, function, client = dev
     fd, _ = ram
-    before = open_fds()
+    before, vmas = open_fds(), _vmas()
     dup = os.dup(fd)
     client.dma_map(RAM_BASE, RAM_SIZE, dup)
     os.close(dup)
     s.sync()
-    assert len(open_fds() - before) == 1
+    assert open_fds() <= before
+    assert _vmas() > vmas
     client.dma_unmap(RAM_BASE, RAM_SIZE)
     s.sync()
-    assert open_fds() <= before
+    assert _vmas() <= vmas
+
+
+def test_a_slice_held_at_unmap_keeps_its_mapping_alive(dev, ram):
+    import gc
+
+    s, function, client = dev
+    fd, memory = ram
+    client.dma_map(RAM_BASE, 0x2000, fd)
+    s.sync()
+    held = function.memory.slice(RAM_BASE + 0x10, 4, writable=True)
+    client.dma_unmap(RAM_BASE, 0x2000)
+    gc.collect()
+    held[:] = b"live"          # still mapped: no crash, and it is the guest's memory
+    assert memory.read(RAM_BASE + 0x10, 4) == b"live"
+    del held
+
+
+def test_map_past_the_end_of_the_file_is_einval(dev):
+    # Touching such a page would raise SIGBUS in the server.
+    s, function, client = dev
+    small = os.memfd_create("small")
+    os.ftruncate(small, 0x1000)
+    try:
+        assert _map(client, RAM_BASE, 0x2000, fds=[small]) == errno.EINVAL
+        assert _map(client, RAM_BASE, 0x1000, fds=[small], offset=0x1000) == errno.EINVAL
+    finally:
+        os.close(small)
+    assert not function.memory.regions
 
 
 def test_bad_maps(dev, ram):
@@ -161,3 +196,52 @@ def test_map_errors_leave_the_connection_usable(dev):
     except ClientError as e:
         assert e.errno == errno.EINVAL
     assert client.device_info()[1] == 9
+
+
+def test_every_client_can_hold_the_maps_it_is_advertised(served):
+    """max_dma_maps in the VERSION reply is a promise: both functions' clients hold that
+    many fd-backed maps at once, and one more is ENOSPC (issue 14 item 1)."""
+    from vfiouser_iommu.endpoints.testdev import IommuTestDev
+    from vfiouser_iommu.vfio_user.limits import MAX_DMA_MAPS_PER_CLIENT
+
+    s = served({"a": IommuTestDev(), "b": IommuTestDev()})
+    clients = [s.connect("a"), s.connect("b")]
+    advertised = [c.negotiate()["capabilities"]["max_dma_maps"] for c in clients]
+    assert advertised[0] == advertised[1] <= MAX_DMA_MAPS_PER_CLIENT
+    n = advertised[0]
+    backing = os.memfd_create("maps")
+    os.ftruncate(backing, n * 0x1000)
+    try:
+        for client in clients:
+            for i in range(n):
+                payload = wire.DMA_MAP.pack(32, RW, i * 0x1000, 0x1_0000_0000 + i * 0x2000,
+                                            0x1000)
+                client.send(Command.DMA_MAP, payload, fds=[backing], msg_id=i & 0xFFFF)
+            # pipelined: read the replies after sending them all
+            assert all(not client.wait_reply(i & 0xFFFF).is_error for i in range(n))
+            assert _map(client, 0x4_0000_0000, 0x1000, fds=[backing]) == errno.ENOSPC
+    finally:
+        os.close(backing)
+    assert s.server.dma_budget.used == 2 * n
+    for client in clients:
+        client.close()
+    s.sync()
+    s.sync()
+    assert s.server.dma_budget.used == 0
+
+
+def test_server_wide_map_bound_is_enospc(served):
+    from vfiouser_iommu.endpoints.testdev import IommuTestDev
+
+    s = served({"a": IommuTestDev(), "b": IommuTestDev()}, max_dma_maps=5)
+    s.server.dma_budget.limit = 7
+    a, b = s.connect("a"), s.connect("b")
+    assert a.negotiate()["capabilities"]["max_dma_maps"] == 5
+    b.negotiate()
+    for i in range(5):
+        a.dma_map(0x1000 * (i + 1), 0x1000)
+    b.dma_map(0x1000, 0x1000)
+    b.dma_map(0x2000, 0x1000)
+    assert _map(b, 0x3000, 0x1000) == errno.ENOSPC
+    a.dma_unmap(0x1000, 0x1000)
+    b.dma_map(0x3000, 0x1000)

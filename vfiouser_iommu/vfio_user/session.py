@@ -38,23 +38,23 @@ from ..pci.function import (
     check_region_access,
 )
 from . import wire
-from .dma import DmaMapError, DmaMapTable
+from .dma import DmaMapBudget, DmaMapError, DmaMapTable
+from .limits import (
+    BATCH,
+    MAX_DATA_XFER_SIZE,
+    MAX_DMA_MAPS_PER_CLIENT,
+    MAX_MSG_FDS,
+    MAX_MSG_SIZE,
+    OUT_BACKLOG,
+    RECV_MAX_FDS,
+)
 from .logthrottle import LogThrottle
 from .wire import HEADER, HEADER_SIZE, Command, DmaLayout
 
 log = logging.getLogger(__name__)
 
-MAX_DATA_XFER_SIZE = 1 << 20
-MAX_MSG_FDS = 8
-# Largest message we read into memory: a REGION_WRITE of max_data_xfer_size bytes.
-MAX_MSG_SIZE = HEADER_SIZE + wire.REGION_ACCESS.size + MAX_DATA_XFER_SIZE
-# Room for fds in one recvmsg; more than this truncates and closes the connection.
-RECV_MAX_FDS = 16
-# Messages handled per readable event before yielding to other connections.
-BATCH = 64
-# Replies queued for a client that does not read them; beyond this we stop reading its
-# requests until it catches up, so a stalled client cannot grow our memory.
-OUT_BACKLOG = 4 << 20
+__all__ = ["BATCH", "MAX_DATA_XFER_SIZE", "MAX_MSG_FDS", "MAX_MSG_SIZE", "OUT_BACKLOG",
+           "RECV_MAX_FDS", "MessageDma", "ProtocolError", "Session"]
 
 
 class ProtocolError(Exception):
@@ -79,7 +79,8 @@ class Session:
                  call_soon: Callable[[Callable[[], None]], None],
                  want_write: Callable[[Session, bool], None],
                  dma_layout: DmaLayout = DmaLayout.SPEC,
-                 max_dma_maps: int = 65535,
+                 max_dma_maps: int = MAX_DMA_MAPS_PER_CLIENT,
+                 dma_budget: DmaMapBudget | None = None,
                  throttle: LogThrottle | None = None) -> None:
         self.sock = sock
         self.function = function
@@ -92,7 +93,7 @@ class Session:
         self.closed = False
         self.negotiated = False
         self.peer_max_data_xfer = MAX_DATA_XFER_SIZE
-        self.dma_maps = DmaMapTable(function.memory, max_dma_maps)
+        self.dma_maps = DmaMapTable(function.memory, max_dma_maps, dma_budget)
         self.irq_fds: list[list[int | None]] = [
             [None] * function.irq_count(i) for i in range(NUM_IRQS)]
         self.irq_masked: list[list[bool]] = [

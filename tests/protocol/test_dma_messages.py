@@ -121,3 +121,90 @@ def test_disconnect_with_dma_in_flight_leaves_nothing(served):
     port = s.server.ports[s.paths["dev"]]
     assert port.session is None
     assert s.functions["dev"].memory.fallback is None
+
+
+def test_endpoint_interrupt_waits_for_its_dma_write_on_the_iommus_connection(served):
+    """Issue 14 item 3. Behind the IOMMU, an endpoint's DMA goes through the IOMMU's
+    GuestMemory, so outside the maps it leaves as a DMA_WRITE on the IOMMU's
+    connection, while the endpoint's MSI-X eventfd belongs to its own connection. The
+    interrupt must still wait for that DMA_WRITE's reply (PCI ordering)."""
+    from vfiouser_iommu.iommu_pci import IommuFunction
+
+    iommu = IommuFunction()
+    dev = IommuTestDev()
+    dev.set_dma_view(iommu.iommu.dma_view(0x10))
+    s = served({"iommu": iommu, "dev": dev})
+    iommu_client = s.connect("iommu", memory=GuestMemory.ram(DOORBELL, 0x1000))
+    iommu_client.negotiate()
+    iommu_client.region_write(0, 0x10, (1).to_bytes(8, "little"))   # ddtp: Bare
+    client = _connect(s)
+    cap = 0x48
+    assert client.region_read(7, cap, 1) == b"\x11"
+    client.region_write(7, cap + 2, b"\x03\x80")
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    client.set_irqs(PciIrq.MSIX, 0, 1, wire.IRQ_SET_DATA_EVENTFD | wire.IRQ_SET_ACTION_TRIGGER,
+                    fds=[efd])
+    _arm(client, DOORBELL, 4, msix_vector=0)
+    client.readl(0, testdev.DMA_TRIGGER)
+    request = iommu_client.recv_message()        # the testdev's data, on the IOMMU's socket
+    assert request.cmd == Command.DMA_WRITE
+    assert not client.dma_requests
+    assert not select.select([efd], [], [], 0.3)[0], "interrupt before the data landed"
+    iommu_client.send_raw(HEADER.pack(request.msg_id, Command.DMA_WRITE, 16, TYPE_REPLY, 0))
+    assert select.select([efd], [], [], 2)[0]
+    os.close(efd)
+
+
+def test_interrupt_does_not_wait_for_dma_writes_issued_after_it(served):
+    """The hold covers the writes issued before the interrupt, not later ones: under a
+    steady stream of DMA writes the interrupt must not be held for ever."""
+    s = served()
+    client = _connect(s)
+    cap = 0x48
+    client.region_write(7, cap + 2, b"\x03\x80")
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    client.set_irqs(PciIrq.MSIX, 0, 1, wire.IRQ_SET_DATA_EVENTFD | wire.IRQ_SET_ACTION_TRIGGER,
+                    fds=[efd])
+    _arm(client, DOORBELL, 4, msix_vector=0)
+    client.send(Command.REGION_READ, wire.REGION_ACCESS.pack(0, 0, 4))
+    first = client.recv_message()
+    assert first.cmd == Command.DMA_WRITE
+    client.recv_message()                          # the REGION_READ's reply
+    client.writel(0, testdev.DMA_MSIX, 0)          # the next DMA raises no interrupt
+    _arm(client, DOORBELL, 4)
+    client.send(Command.REGION_READ, wire.REGION_ACCESS.pack(0, 0, 4))
+    second = client.recv_message()
+    assert second.cmd == Command.DMA_WRITE
+    client.recv_message()
+    client.send_raw(HEADER.pack(first.msg_id, Command.DMA_WRITE, 16, TYPE_REPLY, 0))
+    assert select.select([efd], [], [], 2)[0], "held behind a write issued after it"
+    client.send_raw(HEADER.pack(second.msg_id, Command.DMA_WRITE, 16, TYPE_REPLY, 0))
+    os.close(efd)
+
+
+def test_interrupt_held_for_a_write_that_never_lands_is_dropped(served):
+    """The IOMMU's client leaves with the endpoint's DMA_WRITE unanswered: that data is
+    not in guest memory, so the endpoint's completion interrupt must not fire."""
+    from vfiouser_iommu.iommu_pci import IommuFunction
+
+    iommu = IommuFunction()
+    dev = IommuTestDev()
+    dev.set_dma_view(iommu.iommu.dma_view(0x10))
+    s = served({"iommu": iommu, "dev": dev})
+    iommu_client = s.connect("iommu", memory=GuestMemory.ram(DOORBELL, 0x1000))
+    iommu_client.negotiate()
+    iommu_client.region_write(0, 0x10, (1).to_bytes(8, "little"))   # ddtp: Bare
+    client = _connect(s)
+    client.region_write(7, 0x48 + 2, b"\x03\x80")
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    client.set_irqs(PciIrq.MSIX, 0, 1, wire.IRQ_SET_DATA_EVENTFD | wire.IRQ_SET_ACTION_TRIGGER,
+                    fds=[efd])
+    _arm(client, DOORBELL, 4, msix_vector=0)
+    client.readl(0, testdev.DMA_TRIGGER)
+    assert iommu_client.recv_message().cmd == Command.DMA_WRITE
+    iommu_client.close()
+    s.sync()
+    s.sync()
+    assert not select.select([efd], [], [], 0.3)[0]
+    assert client.readl(0, testdev.DMA_RESULT) is not None   # the endpoint still serves
+    os.close(efd)

@@ -11,8 +11,11 @@ Rules this module keeps:
 * A reply never exceeds what QEMU reserved for it (the request's size, or the table in
   docs/vfio-user.md); a NO_REPLY command never gets a reply, not even an error.
 * We never wait for the client. Our own requests (DMA_WRITE/DMA_READ) are sent and their
-  replies matched by id later; interrupts raised while DMA writes are in flight are held
-  until those writes are acknowledged, so the guest never sees an interrupt before data.
+  replies matched by id later. An interrupt is held until every DMA_WRITE issued before
+  it has been acknowledged, on whichever connection carried it (an endpoint behind the
+  IOMMU writes through the IOMMU's memory, hence on the IOMMU's connection), so the
+  guest never sees an interrupt before its data (PCI ordering); writes issued after the
+  interrupt do not hold it.
 * Bad input is an errno reply and a log line. Only framing we cannot resynchronise from
   (a header shorter than 16 bytes, an unknown message type, truncated fds) closes the
   connection; oversized messages are drained and answered E2BIG.
@@ -26,7 +29,7 @@ import json
 import logging
 import os
 import socket
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from ..memory import MemoryAccessError
@@ -109,8 +112,11 @@ class Session:
         # our requests to the client
         self._next_id = 0
         self._pending: dict[int, Callable[[int, bytes], None]] = {}
-        self._dma_writes_in_flight = 0
-        self._after_dma: deque[Callable[[], None]] = deque()
+        # DMA_WRITE pieces by sequence number, unacknowledged ones in issue order, and
+        # callbacks waiting for every write issued before them: (sequence, callback).
+        self._write_seq = 0
+        self._unacked_writes: OrderedDict[int, None] = OrderedDict()
+        self._write_barriers: deque[tuple[int, Callable[[], None]]] = deque()
         function.memory.fallback = MessageDma(self)
 
     # -- reading ---------------------------------------------------------------------------
@@ -457,20 +463,20 @@ class Session:
         remaining = [len(pieces)]
         first_error = [0]
 
-        def on_reply(error: int, payload: bytes) -> None:
-            self._dma_writes_in_flight -= 1
+        def acknowledged(seq: int, error: int) -> None:
             first_error[0] = first_error[0] or error
             remaining[0] -= 1
             if remaining[0] == 0 and done is not None:
                 done(first_error[0])
-            if self._dma_writes_in_flight == 0:
-                self._run_after_dma()
+            self._write_acknowledged(seq)
 
         for gpa, piece in pieces:
-            self._dma_writes_in_flight += 1
+            seq = self._write_seq
+            self._write_seq += 1
+            self._unacked_writes[seq] = None
             self._request(Command.DMA_WRITE,
                           wire.encode_dma_request(self.dma_layout, gpa, len(piece), piece),
-                          on_reply)
+                          lambda error, payload, seq=seq: acknowledged(seq, error))
 
     def dma_read(self, addr: int, count: int, done: Callable[[int, bytes], None]) -> None:
         """Ask the client for `count` bytes at `addr`; `done(errno, data)` gets them."""
@@ -497,9 +503,24 @@ class Session:
 
         self._request(Command.DMA_READ, wire.encode_dma_request(layout, addr, count), on_reply)
 
-    def _run_after_dma(self) -> None:
-        while self._after_dma and self._dma_writes_in_flight == 0:
-            self._after_dma.popleft()()
+    def writes_pending(self) -> bool:
+        """Whether some DMA_WRITE we sent is still unacknowledged."""
+        return bool(self._unacked_writes)
+
+    def after_writes(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once every DMA_WRITE sent so far is acknowledged (now if
+        none is pending); never if the connection closes first: that data never
+        became visible."""
+        if not self._unacked_writes:
+            callback()
+        else:
+            self._write_barriers.append((self._write_seq, callback))
+
+    def _write_acknowledged(self, seq: int) -> None:
+        self._unacked_writes.pop(seq, None)
+        oldest = next(iter(self._unacked_writes), self._write_seq)
+        while self._write_barriers and self._write_barriers[0][0] <= oldest:
+            self._write_barriers.popleft()[1]()
 
     def _request(self, cmd: int, payload: bytes, on_reply: Callable[[int, bytes], None]) -> None:
         msg_id = self._next_id
@@ -526,15 +547,35 @@ class Session:
 
     # -- interrupts ------------------------------------------------------------------------
     def trigger(self, index: int, vector: int) -> bool:
-        """Signal an interrupt's eventfd, after in-flight DMA writes land."""
+        """Signal an interrupt's eventfd once the DMA writes issued before it land."""
         slots = self.irq_fds[index]
         if not 0 <= vector < len(slots) or slots[vector] is None:
             return False
-        if self._dma_writes_in_flight:
-            self._after_dma.append(lambda: self._signal(index, vector))
-        else:
+        carriers = [c for c in self._write_carriers() if c.writes_pending()]
+        if not carriers:
             self._signal(index, vector)
+            return True
+        remaining = [len(carriers)]
+
+        def landed() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self._signal(index, vector)
+
+        for carrier in carriers:
+            carrier.after_writes(landed)
         return True
+
+    def _write_carriers(self) -> list[Session]:
+        """The sessions that carry this function's DMA writes as messages: the one
+        behind its own memory (ours) and the one behind its DMA view's memory (the
+        IOMMU's connection, for an endpoint behind the IOMMU)."""
+        carriers: list[Session] = []
+        for memory in (self.function.memory, self.function.dma.memory):
+            fallback = memory.fallback
+            if isinstance(fallback, MessageDma) and fallback.session not in carriers:
+                carriers.append(fallback.session)
+        return carriers
 
     def _signal(self, index: int, vector: int) -> None:
         fd = self.irq_fds[index][vector]
@@ -620,10 +661,16 @@ class Session:
             slots[:] = [None] * len(slots)
         if isinstance(self.function.memory.fallback, MessageDma):
             self.function.memory.fallback = None
+        # Interrupts held for writes that never landed are dropped, not delivered: the
+        # guest must not see a completion whose data is not there.
+        if self._write_barriers:
+            log.info("%s: %d interrupts held for unacknowledged DMA writes dropped",
+                     self.name, len(self._write_barriers))
+        self._write_barriers.clear()
+        self._unacked_writes.clear()
         pending, self._pending = self._pending, {}
         for on_reply in pending.values():
             on_reply(errno.ENOTCONN, b"")
-        self._after_dma.clear()
         self._out.clear()
         self._out_bytes = 0
         self.sock.close()

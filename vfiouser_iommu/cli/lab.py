@@ -15,6 +15,9 @@ kept in a cache folder (default ~/.cache/vfiouser-iommu, or $VFIOUSER_IOMMU_LAB)
   status      print what the lab holds (versions, paths)
   boot        boot a guest and run a guest script; exits with the guest's verdict
   qemu-args   print the QEMU arguments that attach vfio-user functions
+  dtb         write the device tree that describes our IOMMU to Linux (for -dtb)
+
+Ready QEMU configurations that use these are in the project's qemu-configs/ folder.
 """
 
 
@@ -81,6 +84,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an endpoint function (repeatable)")
     p.add_argument("--memory", default="1G", help="guest RAM size (default: %(default)s)")
     p.set_defaults(func=cmd_qemu_args)
+
+    _add_dtb_parser(cmds)
+
+
+def _add_dtb_parser(cmds: argparse._SubParsersAction) -> None:
+    p = cmds.add_parser(
+        "dtb", help="write the DTB that describes our IOMMU to Linux",
+        description="QEMU describes only its own riscv-iommu-pci in the device tree. Write "
+        "the tree QEMU makes for the lab's machine (or the one a -readconfig file "
+        "describes) with a riscv,pci-iommu node for our IOMMU and an iommu-map of the "
+        "endpoints' requester IDs, for QEMU's -dtb option. Give the same --iommu and "
+        "--endpoint addresses as to `serve` (endpoint options are ignored).")
+    p.add_argument("--iommu", default="01.0", metavar="SS.F",
+                   help="the IOMMU function's address (default: %(default)s)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="KIND@SS.F",
+                   help="an endpoint behind the IOMMU (repeatable)")
+    p.add_argument("--outside-iommu-map", action="append", default=[], metavar="SS.F",
+                   help="leave this endpoint out of the iommu-map: Linux will not attach it "
+                        "to the IOMMU and its DMA faults (repeatable)")
+    p.add_argument("--readconfig", type=Path, metavar="FILE",
+                   help="the machine as this QEMU config file describes it (default: the "
+                        "lab's: virt,aia=aplic-imsic, 1G, 2 CPUs)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    p.set_defaults(func=cmd_dtb)
 
 
 def _lab_or_exit():
@@ -173,4 +200,34 @@ def cmd_qemu_args(args: argparse.Namespace) -> int:
         return 2
     argv = topology.qemu_vfio_user_args(args.socket_dir, functions, args.memory)
     print(" ".join(shlex.quote(a) for a in argv))
+    return 0
+
+
+def cmd_dtb(args: argparse.Namespace) -> int:
+    from vfiouser_iommu.lab.boot import machine_args
+    from vfiouser_iommu.lab.dtb import DtbError
+    from vfiouser_iommu.lab.stack import our_dtb
+    from vfiouser_iommu.topology import parse_functions
+
+    try:
+        functions = parse_functions(iommu=args.iommu, endpoints=args.endpoint)
+    except ValueError as e:
+        print(f"vfiouser-iommu: {e}", file=sys.stderr)
+        return 2
+    lab = _lab_or_exit()
+    if args.readconfig is not None:
+        if not args.readconfig.is_file():
+            print(f"vfiouser-iommu: no file {args.readconfig}", file=sys.stderr)
+            return 2
+        machine = [lab.qemu, "-readconfig", str(args.readconfig), "-M", "virt", "-nographic"]
+    else:
+        machine = machine_args(lab)
+    try:
+        dtb = our_dtb(machine, functions, args.iommu, args.outside_iommu_map)
+    except (DtbError, ValueError) as e:
+        print(f"vfiouser-iommu: {e}", file=sys.stderr)
+        return 1
+    args.output.write_bytes(dtb)
+    print(f"{args.output}: riscv,pci-iommu at {args.iommu}, iommu-map of "
+          f"{len(functions) - 1 - len(args.outside_iommu_map)} endpoint(s)")
     return 0

@@ -21,7 +21,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 from vfiouser_iommu.endpoints.virtio.tap import network_namespace, open_tap
 
@@ -141,6 +145,38 @@ class TapNetwork:
     def inside(self):
         """`with net.inside(): socket.socket(...)` makes sockets in the namespace."""
         return network_namespace(self.netns)
+
+
+# What `ip netns exec NAME ARGV...` does for our purposes, without needing iproute2:
+# enter the namespace (never creating it), then become ARGV.
+_ENTER_AND_EXEC = ("import os, sys\n"
+                   "from pyroute2 import netns\n"
+                   "netns.setns(sys.argv[1] if '/' in sys.argv[1] else "
+                   "os.path.join(netns.NETNS_RUN_DIR, sys.argv[1]), flags=0)\n"
+                   "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def in_namespace_argv(netns: str, argv: list[str]) -> list[str]:
+    """An argv that runs `argv` inside network namespace `netns`."""
+    return [sys.executable, "-c", _ENTER_AND_EXEC, netns, *map(str, argv)]
+
+
+def boot_reference_net(lab, net: TapNetwork, script: str, timeout: float,
+                       echo: TextIO | None = sys.stdout, files: dict[str, bytes] | None = None):
+    """Boot a guest on QEMU's riscv-iommu-pci with QEMU's own virtio-net-pci (02.0) on
+    `net`'s tap; QEMU runs inside the namespace to open the tap by name."""
+    from vfiouser_iommu.lab.boot import (
+        guest_initramfs,
+        kernel_args,
+        machine_args,
+        reference_net_args,
+        run_guest,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
+        initrd = guest_initramfs(lab, script, files=files).write(Path(tmp) / "initrd.gz")
+        argv = machine_args(lab) + kernel_args(lab, initrd) + reference_net_args(net.tap)
+        return run_guest(in_namespace_argv(net.netns, argv), timeout, echo)
 
 
 class TcpPeer:

@@ -22,7 +22,12 @@ from pathlib import Path
 
 from vfiouser_iommu.lab.dtb import add_pci_iommu, dump_dtb
 from vfiouser_iommu.lab.paths import Lab
-from vfiouser_iommu.topology import parse_address, parse_functions, qemu_vfio_user_args
+from vfiouser_iommu.topology import (
+    FunctionSpec,
+    parse_address,
+    parse_functions,
+    qemu_vfio_user_args,
+)
 
 
 class StackError(Exception):
@@ -90,6 +95,19 @@ class Topology:
         return self.iommu + (f",{self.iommu_options}" if self.iommu_options else "")
 
 
+def our_dtb(machine_argv: list[str], functions: list[FunctionSpec], iommu: str,
+            outside_iommu_map: list[str] = ()) -> bytes:
+    """The DTB QEMU makes for `machine_argv`, plus a riscv,pci-iommu node for our IOMMU
+    at `iommu` (SS.F) and an iommu-map of exactly the other `functions`' requester IDs,
+    less the addresses in `outside_iommu_map`."""
+    slot, fn = parse_address(iommu)
+    iommu_bdf = slot << 3 | fn
+    outside = {parse_address(a) for a in outside_iommu_map}
+    endpoints = [f.requester_id for f in functions
+                 if f.devfn != iommu_bdf and (f.slot, f.function) not in outside]
+    return add_pci_iommu(dump_dtb(machine_argv), iommu_bdf, endpoints)
+
+
 class OurStack:
     """Start with `with OurStack(lab, workdir) as stack:`; `stack.qemu_args()` attaches it."""
 
@@ -155,10 +173,8 @@ class OurStack:
     def write_dtb(self, machine_argv: list[str]) -> Path:
         """The machine's DTB with a riscv,pci-iommu node for our IOMMU and an iommu-map
         covering exactly our endpoints' requester IDs (less `outside_iommu_map`)."""
-        outside = {parse_address(a) for a in self.topology.outside_iommu_map}
-        endpoints = [f.requester_id for f in self.functions
-                     if f.devfn != self.iommu_bdf and (f.slot, f.function) not in outside]
-        dtb = add_pci_iommu(dump_dtb(machine_argv), self.iommu_bdf, endpoints)
+        dtb = our_dtb(machine_argv, self.functions, self.topology.iommu,
+                      self.topology.outside_iommu_map)
         path = self.workdir / "virt.dtb"
         path.write_bytes(dtb)
         return path

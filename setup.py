@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["vfiouser_iommu", "vfiouser_iommu.*"]),
-    package_data={"vfiouser_iommu.lab": ["guest/*.sh"]},
+    package_data={"vfiouser_iommu.lab": ["guest/*.sh", "guest/*.c"]},
     install_requires=[
         "construct>=2.10",
         "cffi>=1.15",

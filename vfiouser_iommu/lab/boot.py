@@ -167,16 +167,17 @@ def reference_args(disk: Path, iommu_addr: str = "01.0", blk_addr: str = "02.0",
     ]
 
 
-def reference_net_args(tap: str, iommu_addr: str = "01.0", net_addr: str = "02.0"
-                       ) -> list[str]:
+def reference_net_args(tap: str, iommu_addr: str = "01.0", net_addr: str = "02.0",
+                       net_options: str = "") -> list[str]:
     """QEMU's built-in riscv-iommu-pci with its own virtio-net-pci behind it, on the tap
     `tap` that QEMU opens by name (so QEMU runs in the tap's network namespace).
-    vhost=off: QEMU moves the frames itself, as our server does; romfile="": no iPXE."""
+    vhost=off: QEMU moves the frames itself, as our server does; romfile="": no iPXE.
+    `net_options` (",key=value...") are added to the virtio-net-pci device."""
     return [
         "-device", f"riscv-iommu-pci,addr={iommu_addr}",
         "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no,vhost=off",
         "-device", f"virtio-net-pci,netdev=net0,addr={net_addr},iommu_platform=on,"
-                   "disable-legacy=on,romfile=",
+                   f"disable-legacy=on,romfile={net_options}",
     ]
 
 

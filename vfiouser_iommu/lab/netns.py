@@ -162,9 +162,11 @@ def in_namespace_argv(netns: str, argv: list[str]) -> list[str]:
 
 
 def boot_reference_net(lab, net: TapNetwork, script: str, timeout: float,
-                       echo: TextIO | None = sys.stdout, files: dict[str, bytes] | None = None):
+                       echo: TextIO | None = sys.stdout, files: dict[str, bytes] | None = None,
+                       net_options: str = ""):
     """Boot a guest on QEMU's riscv-iommu-pci with QEMU's own virtio-net-pci (02.0) on
-    `net`'s tap; QEMU runs inside the namespace to open the tap by name."""
+    `net`'s tap (`net_options`: more device properties); QEMU runs inside the
+    namespace to open the tap by name."""
     from vfiouser_iommu.lab.boot import (
         guest_initramfs,
         kernel_args,
@@ -175,7 +177,8 @@ def boot_reference_net(lab, net: TapNetwork, script: str, timeout: float,
 
     with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
         initrd = guest_initramfs(lab, script, files=files).write(Path(tmp) / "initrd.gz")
-        argv = machine_args(lab) + kernel_args(lab, initrd) + reference_net_args(net.tap)
+        argv = (machine_args(lab) + kernel_args(lab, initrd)
+                + reference_net_args(net.tap, net_options=net_options))
         return run_guest(in_namespace_argv(net.netns, argv), timeout, echo)
 
 
@@ -253,3 +256,57 @@ class TcpPeer:
     @property
     def mbytes_per_second(self) -> float:
         return self.nbytes / self.seconds / 1e6 if self.seconds else 0.0
+
+
+class UdpCounter:
+    """Counts the datagrams that reach `port` inside a namespace, from a thread, until
+    `idle` seconds pass without one (after the first) or `stop()`. `count`, `seconds`
+    (first datagram to last) and `rate` describe what arrived."""
+
+    def __init__(self, net: TapNetwork, port: int, idle: float = 2.0,
+                 timeout: float = 300.0) -> None:
+        import socket
+        import threading
+
+        self.count = 0
+        self.seconds = 0.0
+        self._idle, self._timeout = idle, timeout
+        self._stopped = threading.Event()
+        with net.inside():
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self._sock.bind((net.address, port))
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import time
+
+        first = last = 0.0
+        deadline = time.monotonic() + self._timeout
+        self._sock.settimeout(0.5)
+        try:
+            while not self._stopped.is_set() and time.monotonic() < deadline:
+                try:
+                    self._sock.recv(2048)
+                except TimeoutError:
+                    if self.count and time.monotonic() - last > self._idle:
+                        break
+                    continue
+                last = time.monotonic()
+                first = first or last
+                self.count += 1
+        finally:
+            self.seconds = last - first
+            self._sock.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0

@@ -18,6 +18,8 @@ import logging
 
 from vfiouser_iommu.iommu import IommuConfig, RiscvIommu
 from vfiouser_iommu.iommu.config import CAPABILITY_FIELDS
+from vfiouser_iommu.iommu.modes import MODE_OPTIONS, parse_modes, set_modes
+from vfiouser_iommu.iommu.observe import Observer
 from vfiouser_iommu.iommu.request import HpmEvent
 from vfiouser_iommu.pci.config import BarSpec, MsixSpec, PciIdentity
 from vfiouser_iommu.pci.function import PciFunction
@@ -46,7 +48,7 @@ def default_config() -> IommuConfig:
 class IommuFunction(PciFunction):
     """A `RiscvIommu` behind a PCI BAR0, with MSI-X for its interrupts."""
 
-    def __init__(self, config: IommuConfig | None = None) -> None:
+    def __init__(self, config: IommuConfig | None = None, modes: dict | None = None) -> None:
         super().__init__(RISCV_IOMMU_PCI, {0: BarSpec(REGISTER_FILE_SIZE, is_64bit=True)},
                          msix=MsixSpec(MSIX_VECTORS, bir=0, table_offset=MSI_CFG_TBL,
                                        pba_offset=MSI_PBA),
@@ -55,6 +57,9 @@ class IommuFunction(PciFunction):
         config = dataclasses.replace(config, msi_table_external=True,
                                      interrupt_vectors=MSIX_VECTORS)
         self.iommu = RiscvIommu(self.memory, config, raise_irq=self.raise_msix)
+        self.observer = Observer(self.iommu)
+        if modes:
+            set_modes(self.iommu, **modes)
         self._scheduled = False
         self.name = "riscv-iommu"
 
@@ -103,7 +108,8 @@ def build_iommu_function(options: dict[str, str]) -> IommuFunction:
 
     `caps` sets the whole capabilities register; a FLAG is any capability field of
     `IommuConfig` (sv39, ats, msi_flat, ...; `pas` and `version` take numbers) and
-    overrides it. ValueError for anything else.
+    overrides it. `check=on`, `cache=spec|max|none` and `negative=on` are the
+    introspection modes (`iommu.modes`). ValueError for anything else.
     """
     config = default_config()
     if "caps" in options:
@@ -113,11 +119,13 @@ def build_iommu_function(options: dict[str, str]) -> IommuFunction:
             raise ValueError(f"riscv-iommu: caps={options['caps']!r} is not a number") \
                 from None
     changes: dict[str, object] = {}
+    modes = parse_modes(options)
     for name, value in options.items():
-        if name == "caps":
+        if name == "caps" or name in MODE_OPTIONS:
             continue
         if name not in CAPABILITY_FIELDS or name == "igs":
-            raise ValueError(f"riscv-iommu: unknown option {name!r} (caps=0x..., or one of "
+            raise ValueError(f"riscv-iommu: unknown option {name!r} (caps=0x..., "
+                             f"check=on, cache=spec|max|none, negative=on, or one of "
                              f"{', '.join(f for f in CAPABILITY_FIELDS if f != 'igs')})")
         if name in ("pas", "version"):
             try:
@@ -128,4 +136,4 @@ def build_iommu_function(options: dict[str, str]) -> IommuFunction:
             changes[name] = _SWITCH[value]
         else:
             raise ValueError(f"riscv-iommu: {name}={value!r}: want on or off")
-    return IommuFunction(dataclasses.replace(config, **changes))
+    return IommuFunction(dataclasses.replace(config, **changes), modes)

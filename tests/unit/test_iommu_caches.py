@@ -153,6 +153,22 @@ def test_msi_pte_cached_until_gvma():
     assert iommu.translate(req(0x2800_0000, Access.WRITE)).cause == 262
 
 
+def test_host_msi_pte_invalidated_by_gvma_with_the_dcs_gscid():
+    """The spec's recipe for an MSI PTE change is IOTINVAL.GVMA GV=AV=1 with
+    GSCID=DC.iohgatp.GSCID, also when the G-stage is Bare (the host's MSI page table)."""
+    iommu, b, root = make_iommu()
+    msipt = b.alloc()
+    b.write64(msipt, 1 | 3 << 1 | (DATA >> 12) << 10)
+    b.set_dc(root, 3, DID, 64, msiptp=atp(1, msipt >> 12), msi_mask=0,
+             msi_pattern=0x2800_0000 >> 12)
+    assert iommu.translate(req(0x2800_0000, Access.WRITE)).address == DATA
+    b.write64(msipt, 1 | 3 << 1 | ((DATA + 0x1000) >> 12) << 10)
+    iommu.invalidate_gvma(True, GSCID, True, 0x2800_0000)      # another GSCID: no effect
+    assert iommu.translate(req(0x2800_0000, Access.WRITE)).address == DATA
+    iommu.invalidate_gvma(True, 0, True, 0x2800_0000)          # DC.iohgatp.GSCID is 0
+    assert iommu.translate(req(0x2800_0000, Access.WRITE)).address == DATA + 0x1000
+
+
 def test_caches_are_bounded():
     iommu, b, _, pt = _fs_setup(IommuConfig(iotlb_entries=8))
     for k in range(32):

@@ -23,7 +23,9 @@ With --iommu SS.F the RISC-V IOMMU is served too (1b36:0014, the function Linux'
 riscv-iommu driver binds to), and every endpoint's DMA is translated by it for the
 endpoint's requester ID (bus 0, so its devfn). IOMMU options after the address:
 caps=0xVALUE (the whole capabilities register) and/or capability flags such as
-ats=off, sv57=off, msi_flat=off, pas=48 (default: everything we implement).
+ats=off, sv57=off, msi_flat=off, pas=48 (default: everything we implement), and the
+introspection modes (docs/introspection.md): check=on (the invalidation checker),
+cache=spec|max|none, negative=on (cache V=0 entries until invalidated).
 
 Endpoint kinds: {", ".join(sorted(ENDPOINTS))}. Options:
   iommu-testdev@SS.F
@@ -86,5 +88,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for function, spec in functions:
         server.add_function(function, spec.socket_path(args.socket_dir))
         print(f"{spec.kind}@{spec.addr}: {spec.socket_path(args.socket_dir)}", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if args.iommu is not None:
+            _checker_summary(functions[0][0].iommu)
     return 0
+
+
+def _checker_summary(iommu) -> None:
+    """The invalidation checker's summary, at stop (a warning if it found stale uses)."""
+    checker = iommu.checker
+    if checker is None:
+        return
+    level = logging.WARNING if checker.stale else logging.INFO
+    logging.getLogger("vfiouser_iommu.iommu.checker").log(level, "%s", checker.summary())

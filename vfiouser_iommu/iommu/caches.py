@@ -11,12 +11,25 @@ successful, valid results are ever inserted: no V=0 entry, no faulting walk.
 A leaf-translation entry remembers every G-stage leaf it was built from (the final GPA
 and each first-stage table page reached through the G-stage), so IOTINVAL.GVMA with an
 address drops every combined entry whose translation depended on that GPA.
+
+Cache modes (docs/introspection.md): `spec` (the default, bounded LRU caches), `max`
+(unbounded, never evicting, and leaf translations fractured into 4 KiB entries, so that
+an IOTINVAL only ever removes the 4 KiB pages it names) and `none` (nothing cached).
+`negative` holds invalid (V=0) results when negative caching is on (a deliberate
+deviation: the spec forbids caching V=0 entries); it is looked at only on a miss. Every
+invalidation returns how many entries it removed.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+PAGE = 4096
+#: Cache modes (`TranslationCaches.configure`).
+CACHE_MODES = ("spec", "max", "none")
+_UNBOUNDED = sys.maxsize
 
 
 class Lru(OrderedDict):
@@ -55,6 +68,8 @@ class TlbEntry:
     pbmt: int
     gpa_base: int | None
     g_leaves: tuple[tuple[int, int], ...] = ()  # (gpa_base, size) of G-stage leaves used
+    # What the entry was built from, when the invalidation checker is on (checker.Source).
+    source: object = field(default=None, compare=False, repr=False)
 
     @property
     def is_global(self) -> bool:
@@ -66,6 +81,13 @@ class TlbEntry:
     def uses_gpa(self, gpa: int) -> bool:
         return any(base <= gpa < base + size for base, size in self.g_leaves)
 
+    def fragment(self, va: int) -> TlbEntry:
+        """The 4 KiB piece of this entry that holds `va` (cache mode `max`)."""
+        offset = (va & ~(PAGE - 1)) - self.va_base
+        return replace(self, va_base=self.va_base + offset, size=PAGE,
+                       out_base=self.out_base + offset,
+                       gpa_base=None if self.gpa_base is None else self.gpa_base + offset)
+
 
 class Tlb:
     """Leaf translations keyed by (space, page-size shift, page number).
@@ -76,6 +98,7 @@ class Tlb:
 
     def __init__(self, limit: int):
         self.limit = limit
+        self.fracture = False  # cache mode `max`: keep 4 KiB pieces of larger leaves
         self.entries: OrderedDict = OrderedDict()
         self.shifts: Counter = Counter()
 
@@ -91,9 +114,12 @@ class Tlb:
                 return entry
         return None
 
-    def insert(self, space: tuple, entry: TlbEntry) -> None:
+    def insert(self, space: tuple, entry: TlbEntry, va: int | None = None) -> None:
+        """Cache `entry`; with `fracture` only its 4 KiB piece holding `va`."""
         if self.limit <= 0:
             return
+        if self.fracture and entry.size > PAGE and va is not None:
+            entry = entry.fragment(va)
         shift = entry.size.bit_length() - 1
         key = (space, shift, entry.va_base >> shift)
         if key not in self.entries:
@@ -133,6 +159,33 @@ class Tlb:
         self.entries.clear()
         self.shifts.clear()
 
+    def peek(self, space: tuple, va: int) -> TlbEntry | None:
+        """`lookup` without touching the LRU order (for tools)."""
+        for shift in self.shifts:
+            entry = self.entries.get((space, shift, va >> shift))
+            if entry is not None:
+                return entry
+        return None
+
+
+def vma_covers(entry: TlbEntry, gv: bool, gscid: int, pscv: bool, pscid: int, av: bool,
+               addr: int) -> bool:
+    """Whether IOTINVAL.VMA with these operands removes `entry` (§4.1.1 table)."""
+    if entry.gscid != (gscid if gv else None):
+        return False
+    if pscv and (entry.pscid != pscid or entry.is_global):
+        return False
+    return not av or entry.covers(addr)
+
+
+def gvma_covers(entry: TlbEntry, gv: bool, gscid: int, av: bool, addr: int) -> bool:
+    """Whether IOTINVAL.GVMA removes a leaf-translation `entry` (IOTLB or G-stage)."""
+    if not gv:
+        return entry.gscid is not None
+    if entry.gscid != gscid:
+        return False
+    return not av or entry.uses_gpa(addr) or (entry.pscid is None and entry.covers(addr))
+
 
 @dataclass
 class CacheStats:
@@ -141,8 +194,14 @@ class CacheStats:
     walks: Counter = field(default_factory=Counter)
 
 
-class TranslationCaches:
-    """All caches of one IOMMU, with the invalidation primitives of §4.1."""
+class NegativeCaches:
+    """Invalid (V=0) results, kept until the invalidation that covers them (negative=on).
+
+    Device contexts by device_id, process contexts by (device_id, process_id), MSI PTEs by
+    the MSI cache's key (values: what the checker needs to re-read them), and page-table
+    results as `TlbEntry`s with no permission (fs_flags or gs_flags 0) covering the region
+    of the invalid PTE, so that the IOTINVAL rules apply to them unchanged.
+    """
 
     def __init__(self, ddt: int, pdt: int, iotlb: int, gtlb: int, msi: int):
         self.ddt: Lru = Lru(ddt)
@@ -150,71 +209,129 @@ class TranslationCaches:
         self.iotlb = Tlb(iotlb)
         self.gtlb = Tlb(gtlb)
         self.msi: Lru = Lru(msi)
+
+    def __len__(self) -> int:
+        return len(self.ddt) + len(self.pdt) + len(self.iotlb) + len(self.gtlb) + len(self.msi)
+
+
+class TranslationCaches:
+    """All caches of one IOMMU, with the invalidation primitives of §4.1."""
+
+    def __init__(self, ddt: int, pdt: int, iotlb: int, gtlb: int, msi: int):
+        self.limits = (ddt, pdt, iotlb, gtlb, msi)
+        self.mode = "spec"
+        self.ddt: Lru = Lru(ddt)
+        self.pdt: Lru = Lru(pdt)
+        self.iotlb = Tlb(iotlb)
+        self.gtlb = Tlb(gtlb)
+        self.msi: Lru = Lru(msi)
+        self.negative: NegativeCaches | None = None
         self.stats = CacheStats()
 
+    def configure(self, mode: str = "spec", negative: bool = False,
+                  lru=None, tlb=None) -> None:
+        """Switch cache mode and negative caching; every cache starts empty (entries may
+        be evicted at any time, so this is invisible to correct software). `lru(kind,
+        limit)` and `tlb(kind, limit)` make the caches (the invalidation checker passes
+        checking ones); kinds are "ddt", "pdt", "msi" and "iotlb", "gtlb"."""
+        if mode not in CACHE_MODES:
+            raise ValueError(f"cache mode {mode!r}: want one of {', '.join(CACHE_MODES)}")
+        lru = lru or (lambda kind, limit: Lru(limit))
+        tlb = tlb or (lambda kind, limit: Tlb(limit))
+        limits = {"spec": self.limits, "max": (_UNBOUNDED,) * 5, "none": (0,) * 5}[mode]
+        self.mode = mode
+        self.ddt, self.pdt = lru("ddt", limits[0]), lru("pdt", limits[1])
+        self.msi = lru("msi", limits[4])
+        self.iotlb, self.gtlb = tlb("iotlb", limits[2]), tlb("gtlb", limits[3])
+        self.iotlb.fracture = self.gtlb.fracture = mode == "max"
+        self.negative = NegativeCaches(*limits) if negative and mode != "none" else None
+        if self.negative is not None:
+            self.negative.iotlb.fracture = self.negative.gtlb.fracture = mode == "max"
+
     def clear(self) -> None:
-        self.ddt.clear()
-        self.pdt.clear()
-        self.iotlb.clear()
-        self.gtlb.clear()
-        self.msi.clear()
+        for cache in (self.ddt, self.pdt, self.iotlb, self.gtlb, self.msi):
+            cache.clear()
+        if self.negative is not None:
+            for cache in (self.negative.ddt, self.negative.pdt, self.negative.iotlb,
+                          self.negative.gtlb, self.negative.msi):
+                cache.clear()
+
+    def _both(self, name: str):
+        """The positive cache `name` and, with negative caching, its negative twin."""
+        yield getattr(self, name)
+        if self.negative is not None:
+            yield getattr(self.negative, name)
 
     # -- IODIR ----------------------------------------------------------------------
-    def invalidate_ddt(self, dv: bool, device_id: int) -> None:
+    def invalidate_ddt(self, dv: bool, device_id: int) -> int:
         """IODIR.INVAL_DDT: DV=0 all DDT and PDT entries; DV=1 device_id's DC and PCs."""
-        if not dv:
-            self.ddt.clear()
-            self.pdt.clear()
-            return
-        self.ddt.pop(device_id, None)
-        for key in [k for k in self.pdt if k[0] == device_id]:
-            del self.pdt[key]
+        removed = 0
+        for ddt, pdt in zip(self._both("ddt"), self._both("pdt"), strict=True):
+            if not dv:
+                removed += len(ddt) + len(pdt)
+                ddt.clear()
+                pdt.clear()
+                continue
+            removed += ddt.pop(device_id, None) is not None
+            doomed = [k for k in pdt if k[0] == device_id]
+            for key in doomed:
+                del pdt[key]
+            removed += len(doomed)
+        return removed
 
-    def invalidate_pdt(self, device_id: int, process_id: int) -> None:
+    def invalidate_pdt(self, device_id: int, process_id: int) -> int:
         """IODIR.INVAL_PDT: the process context of (device_id, process_id)."""
-        self.pdt.pop((device_id, process_id), None)
+        return sum(pdt.pop((device_id, process_id), None) is not None
+                   for pdt in self._both("pdt"))
 
     # -- IOTINVAL -------------------------------------------------------------------
     def invalidate_vma(self, gv: bool, gscid: int, pscv: bool, pscid: int, av: bool,
-                       addr: int) -> None:
+                       addr: int) -> int:
         """IOTINVAL.VMA, every GV/PSCV/AV combination of §4.1.1.
 
         GV=0 selects host address spaces (G-stage Bare); PSCV=1 spares global entries;
         AV=1 drops the leaf entries covering `addr` (a superpage goes whole).
         """
-        space_gscid = gscid if gv else None
+        space = (gscid if gv else None, pscid)
 
         def hit(e: TlbEntry) -> bool:
-            if e.gscid != space_gscid:
-                return False
-            if pscv and (e.pscid != pscid or e.is_global):
-                return False
-            return not av or e.covers(addr)
+            return vma_covers(e, gv, gscid, pscv, pscid, av, addr)
 
-        if av and pscv:
-            self.iotlb.drop_at((space_gscid, pscid), addr, hit)
-        else:
-            self.iotlb.drop(hit)
+        removed = 0
+        for iotlb in self._both("iotlb"):
+            if av and pscv:
+                removed += iotlb.drop_at(space, addr, hit)
+            else:
+                removed += iotlb.drop(hit)
+        return removed
 
-    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int) -> None:
+    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int) -> int:
         """IOTINVAL.GVMA: G-stage leaves, the translations built on them, MSI PTEs.
 
         GV=0: every entry that went through a G-stage (any VM), and every MSI PTE.
         GV=1, AV=0: all of GSCID. GV=1, AV=1: entries that used a G-stage leaf mapping
-        GPA `addr`, and the MSI PTE of the interrupt file at `addr`.
+        GPA `addr`, and the MSI PTE of the interrupt file at `addr`. MSI PTEs are tagged
+        with DC.iohgatp.GSCID even when the G-stage is Bare (the spec's recipe for an MSI
+        PTE change names that GSCID with GV=1).
         """
-        if not gv:
-            self.iotlb.drop(lambda e: e.gscid is not None)
-            self.gtlb.clear()
-            self.msi.clear()
-            return
-        if not av:
-            self.iotlb.drop(lambda e: e.gscid == gscid)
-            self.gtlb.drop(lambda e: e.gscid == gscid)
-            for key in [k for k in self.msi if k[0] == gscid]:
-                del self.msi[key]
-            return
-        self.iotlb.drop(lambda e: e.gscid == gscid and e.uses_gpa(addr))
-        self.gtlb.drop_at((gscid,), addr, lambda e: True)
-        for key in [k for k, v in self.msi.items() if k[0] == gscid and v[2] == addr >> 12]:
-            del self.msi[key]
+        removed = 0
+        for iotlb, gtlb, msi in zip(self._both("iotlb"), self._both("gtlb"), self._both("msi"),
+                                    strict=True):
+            if not gv:
+                removed += iotlb.drop(lambda e: e.gscid is not None)
+                removed += len(gtlb) + len(msi)
+                gtlb.clear()
+                msi.clear()
+                continue
+            if not av:
+                removed += iotlb.drop(lambda e: e.gscid == gscid)
+                removed += gtlb.drop(lambda e: e.gscid == gscid)
+                doomed = [k for k in msi if k[0] == gscid]
+            else:
+                removed += iotlb.drop(lambda e: e.gscid == gscid and e.uses_gpa(addr))
+                removed += gtlb.drop_at((gscid,), addr, lambda e: True)
+                doomed = [k for k, v in msi.items() if k[0] == gscid and v[2] == addr >> 12]
+            for key in doomed:
+                del msi[key]
+            removed += len(doomed)
+        return removed

@@ -19,7 +19,10 @@ it is executed (DMA is translated synchronously), so IOFENCE.C's PR/PW need no w
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -87,6 +90,31 @@ class Outcome(Enum):
     STALL = "stall"    # cqh stays (an error bit was set)
 
 
+#: How many executed commands `CommandQueue.history` keeps.
+HISTORY = 256
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """One command the queue executed (or stalled on), for tools and listeners."""
+
+    time: float          # wall clock when it ran
+    started: float       # time.perf_counter() when it started (trace timestamps)
+    duration: float      # seconds
+    index: int           # cqh when it was fetched
+    command: int         # the 128-bit command
+    outcome: Outcome
+    removed: int | None  # cache entries an invalidation removed (None: not one)
+
+    @property
+    def name(self) -> str:
+        key = (COMMAND.get(self.command, "opcode"), COMMAND.get(self.command, "func3"))
+        return COMMAND_NAMES.get(key, ("unknown",))[0]
+
+    def describe(self) -> str:
+        return describe_command(self.command)
+
+
 def ats_range(payload: int) -> tuple[int, int, bool]:
     """(address, size, global) of an ATS.INVAL payload; S=1 is a NAPOT-encoded range."""
     fields = ATS_INVAL_PAYLOAD.decode(payload)
@@ -104,6 +132,10 @@ class CommandQueue(QueueRegs):
     def __init__(self, regs):
         super().__init__(regs, 16, CQCSR, "cq")
         self.ats_timeout_pending = False
+        #: the last HISTORY commands executed, and who wants to hear of each one
+        self.history: deque[CommandRecord] = deque(maxlen=HISTORY)
+        self.listeners: list[Callable[[CommandRecord], None]] = []
+        self.removed: int | None = None
         regs.irq.persistent[CIP] = self._error_pending
         config = regs.config
         self._handlers: dict[tuple[int, int], Callable[[int], Outcome]] = {
@@ -155,14 +187,26 @@ class CommandQueue(QueueRegs):
             command = self._fetch()
             if command is None:
                 break
-            if self._execute(command) is Outcome.STALL:
+            self.removed = None
+            started = time.perf_counter()
+            outcome = self._execute(command)
+            self._record(CommandRecord(time.time(), started, time.perf_counter() - started,
+                                       self.head, command, outcome, self.removed))
+            if outcome is Outcome.STALL:
                 log.warning("cq[%d] %s stalled the queue (cqcsr %#x)", self.head,
                             describe_command(command), self.csr)
                 break
-            log.info("cq[%d] %s: done", self.head, describe_command(command))
+            if log.isEnabledFor(logging.INFO):
+                log.info("cq[%d] %s: done%s", self.head, describe_command(command),
+                         "" if self.removed is None else f" (removed {self.removed})")
             self.head = (self.head + 1) & self.index_mask
             done += 1
         return done
+
+    def _record(self, record: CommandRecord) -> None:
+        self.history.append(record)
+        for listener in list(self.listeners):
+            listener(record)
 
     def _fetch(self) -> int | None:
         addr = self.entry_address(self.head)
@@ -209,8 +253,9 @@ class CommandQueue(QueueRegs):
         # A NAPOT range (S=1) is invalidated as the whole address space: over-invalidation
         # is always allowed, and part 1's primitive takes a single address.
         av = bool(f["AV"]) and not f["S"]
-        self.regs.iommu.invalidate_vma(bool(f["GV"]), f["GSCID"], bool(f["PSCV"]), f["PSCID"],
-                                       av, f["ADDR"] << 12)
+        self.removed = self.regs.iommu.invalidate_vma(bool(f["GV"]), f["GSCID"],
+                                                      bool(f["PSCV"]), f["PSCID"], av,
+                                                      f["ADDR"] << 12)
         return Outcome.DONE
 
     def _iotinval_gvma(self, command: int) -> Outcome:
@@ -218,7 +263,8 @@ class CommandQueue(QueueRegs):
         if f is None or f["PSCV"]:
             return self._illegal()
         av = bool(f["AV"]) and not f["S"]
-        self.regs.iommu.invalidate_gvma(bool(f["GV"]), f["GSCID"], av, f["ADDR"] << 12)
+        self.removed = self.regs.iommu.invalidate_gvma(bool(f["GV"]), f["GSCID"], av,
+                                                       f["ADDR"] << 12)
         return Outcome.DONE
 
     # -- IOFENCE.C ------------------------------------------------------------------------
@@ -259,14 +305,14 @@ class CommandQueue(QueueRegs):
         f = self._iodir_fields(command)
         if f is None or f["PID"]:
             return self._illegal()
-        self.regs.iommu.invalidate_ddt(bool(f["DV"]), f["DID"])
+        self.removed = self.regs.iommu.invalidate_ddt(bool(f["DV"]), f["DID"])
         return Outcome.DONE
 
     def _iodir_inval_pdt(self, command: int) -> Outcome:
         f = self._iodir_fields(command)
         if f is None or not f["DV"] or f["PID"] >> self._pid_bits:
             return self._illegal()
-        self.regs.iommu.invalidate_pdt(f["DID"], f["PID"])
+        self.removed = self.regs.iommu.invalidate_pdt(f["DID"], f["PID"])
         return Outcome.DONE
 
     # -- ATS ------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from vfiouser_iommu.iommu.faults import (
     build_fault,
     reportable,
 )
+from vfiouser_iommu.iommu.negative import negative_fill, negative_hit
 from vfiouser_iommu.iommu.registers import RegisterFile
 from vfiouser_iommu.iommu.request import (
     Access,
@@ -53,6 +54,7 @@ from vfiouser_iommu.iommu.request import (
 from vfiouser_iommu.iommu.walk import (
     FIRST_STAGE_MODES,
     G_STAGE_MODES,
+    INVALID,
     Leaf,
     PagingMode,
     first_stage_permits,
@@ -66,6 +68,7 @@ from vfiouser_iommu.memory import GuestMemory, MemoryAccessError, MemoryPoisonEr
 #: Size reported for an identity (Bare) stage: the spec leaves it to the
 #: implementation; 1 GiB matches the reference model.
 BARE_PAGE_SIZE = 1 << 30
+_FIRST_WALK_EVENT = int(HpmEvent.IOTLB_MISS)  # events from here on are misses and walks
 _REQUEST_EVENT = {RequestKind.UNTRANSLATED: HpmEvent.UNTRANSLATED_REQ,
                   RequestKind.TRANSLATED: HpmEvent.TRANSLATED_REQ,
                   RequestKind.ATS_TRANSLATION: HpmEvent.ATS_TRANSLATION_REQ}
@@ -102,6 +105,10 @@ class RiscvIommu:
         self.fctl = 0
         self.recent_faults: deque[Fault] = deque(maxlen=256)
         self.counters: Counter = Counter()
+        # Per requester: the walks and misses (device_id, HpmEvent) the default
+        # `count_event` sees, and the DMA statistics of each `IommuDmaView`.
+        self.device_walks: Counter = Counter()
+        self.requester_stats: dict = {}
         c = self.config
         self.caches = TranslationCaches(c.ddt_cache_entries, c.pdt_cache_entries,
                                         c.iotlb_entries, c.gtlb_entries, c.msi_cache_entries)
@@ -111,6 +118,10 @@ class RiscvIommu:
         # aside while it is set. A plain attribute, kept current by whatever switches a
         # mode, so reading it costs one attribute load.
         self.needs_reference_path = False
+        # The invalidation checker (checker.InvalidationChecker) and the recorder it reads
+        # the walks with; None unless check=on. `recorder` is also set on probes.
+        self.checker = None
+        self.recorder = None
         # ---- part 2 (programming interface) hooks in below this line ----
         self.regs = RegisterFile(self)
 
@@ -131,8 +142,10 @@ class RiscvIommu:
 
     def count_event(self, event: HpmEvent, device_id: int, process_id: int | None,
                     gscid: int | None, pscid: int | None) -> None:
-        """Default HPM sink: count events by type."""
+        """Default HPM sink: count events by type, and walks/misses by device too."""
         self.counters[event] += 1
+        if event >= _FIRST_WALK_EVENT:
+            self.device_walks[device_id, event] += 1
 
     def set_register(self, name: str, value: int) -> None:
         """Set `ddtp` or `fctl` directly (tests and tools without the register file)."""
@@ -141,18 +154,20 @@ class RiscvIommu:
         setattr(self, name, value)
 
     # -- invalidation primitives (command queue) -------------------------------------------
-    def invalidate_ddt(self, dv: bool, device_id: int) -> None:
-        self.caches.invalidate_ddt(dv, device_id)
+    # Each returns how many cache entries it removed (the checker counts the ones that
+    # removed nothing; query-commands shows the number).
+    def invalidate_ddt(self, dv: bool, device_id: int) -> int:
+        return self.caches.invalidate_ddt(dv, device_id)
 
-    def invalidate_pdt(self, device_id: int, process_id: int) -> None:
-        self.caches.invalidate_pdt(device_id, process_id)
+    def invalidate_pdt(self, device_id: int, process_id: int) -> int:
+        return self.caches.invalidate_pdt(device_id, process_id)
 
     def invalidate_vma(self, gv: bool, gscid: int, pscv: bool, pscid: int, av: bool,
-                       addr: int) -> None:
-        self.caches.invalidate_vma(gv, gscid, pscv, pscid, av, addr)
+                       addr: int) -> int:
+        return self.caches.invalidate_vma(gv, gscid, pscv, pscid, av, addr)
 
-    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int) -> None:
-        self.caches.invalidate_gvma(gv, gscid, av, addr)
+    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int) -> int:
+        return self.caches.invalidate_gvma(gv, gscid, av, addr)
 
     def reset_translation_state(self) -> None:
         """Empty every cache (reset, or a ddtp mode change if part 2 chooses)."""
@@ -185,9 +200,22 @@ class RiscvIommu:
             caches.stats.hits["ddt"] += 1
             return dc
         caches.stats.misses["ddt"] += 1
+        if caches.negative is not None:
+            negative_hit(self, "ddt", device_id)
         caches.stats.walks["ddt"] += 1
         self.count_event(HpmEvent.DDT_WALK, device_id, request.process_id, None, None)
-        dc = locate_device_context(self.memory, self.config, self.ddtp, self.fctl, device_id)
+        rec = self.recorder
+        mark = rec.restart() if rec is not None else 0
+        try:
+            dc = locate_device_context(self.memory, self.config, self.ddtp, self.fctl,
+                                       device_id, rec)
+        except Stop as stop:
+            if caches.negative is not None and stop.cause == Cause.DDT_ENTRY_NOT_VALID:
+                negative_fill(self, "ddt", device_id, None,
+                              rec.source(mark) if rec is not None else None)
+            raise
+        if rec is not None:
+            dc = replace(dc, source=rec.source(mark))
         caches.ddt.insert(device_id, dc)
         return dc
 
@@ -199,9 +227,13 @@ class RiscvIommu:
             caches.stats.hits["pdt"] += 1
             return pc
         caches.stats.misses["pdt"] += 1
+        if caches.negative is not None:
+            negative_hit(self, "pdt", key)
         caches.stats.walks["pdt"] += 1
         self.count_event(HpmEvent.PDT_WALK, ctx.request.device_id, ctx.request.process_id,
                          ctx.gscid, None)
+        rec = self.recorder
+        mark = rec.restart() if rec is not None else 0
 
         def gpa_to_spa(gpa: int) -> int:
             if ctx.gs_mode is None:
@@ -209,7 +241,16 @@ class RiscvIommu:
             return self._g_translate(ctx, gpa, Access.READ, implicit=True,
                                      pdt=True).output(gpa)
 
-        pc = locate_process_context(self.memory, self.config, ctx.dc, process_id, gpa_to_spa)
+        try:
+            pc = locate_process_context(self.memory, self.config, ctx.dc, process_id,
+                                        gpa_to_spa, rec)
+        except Stop as stop:
+            if caches.negative is not None and stop.cause == Cause.PDT_ENTRY_NOT_VALID:
+                negative_fill(self, "pdt", key, ctx,
+                              rec.source(mark) if rec is not None else None)
+            raise
+        if rec is not None:
+            pc = replace(pc, source=rec.source(mark, ctx))
         caches.pdt.insert(key, pc)
         return pc
 
@@ -316,6 +357,8 @@ class RiscvIommu:
         space = (ctx.gscid, ctx.pscid)
         caches = self.caches
         entry = caches.iotlb.lookup(space, iova)
+        if entry is not None and self.checker is not None:
+            self.checker.iotlb_hit(ctx, entry, iova)
         if entry is not None and self._entry_permits(ctx, entry):
             if not msi.flat(self, ctx.dc):
                 caches.stats.hits["iotlb"] += 1
@@ -325,6 +368,8 @@ class RiscvIommu:
                 caches.stats.hits["iotlb"] += 1
                 return hit
         caches.stats.misses["iotlb"] += 1
+        if caches.negative is not None and ctx.fs_mode is not None:
+            negative_hit(self, "iotlb", (space, iova), ctx)
         self.count_event(HpmEvent.IOTLB_MISS, ctx.request.device_id, ctx.request.process_id,
                          ctx.gscid, ctx.pscid)
         return self._walk_and_fill(ctx, space)
@@ -358,6 +403,8 @@ class RiscvIommu:
 
     def _walk_and_fill(self, ctx: StageContext, space: tuple) -> Translation:
         iova = ctx.request.iova
+        rec = self.recorder
+        mark = rec.restart() if rec is not None else 0
         fs_leaf = self._first_stage(ctx, iova) if ctx.fs_mode is not None else None
         gpa = fs_leaf.output(iova) if fs_leaf is not None else iova
         hit = msi.translate_msi(self, ctx, gpa)
@@ -378,8 +425,9 @@ class RiscvIommu:
             gs_leaf.flags if gs_leaf is not None else None,
             fs_leaf.pbmt if fs_leaf is not None and fs_leaf.pbmt else
             (gs_leaf.pbmt if gs_leaf is not None else 0),
-            gpa - offset if gs_leaf is not None else None, tuple(ctx.g_leaves))
-        self.caches.iotlb.insert(space, entry)
+            gpa - offset if gs_leaf is not None else None, tuple(ctx.g_leaves),
+            rec.source(mark, ctx) if rec is not None else None)
+        self.caches.iotlb.insert(space, entry, iova)
         return _translation(entry, iova)
 
     # -- stages -----------------------------------------------------------------------------
@@ -410,13 +458,19 @@ class RiscvIommu:
             return self._compare_exchange(spa_of(addr, True), pte_size, old, new, be,
                                           fault_cause)
 
-        def fail() -> None:
+        rec = self.recorder
+
+        def fail(why: str, level: int) -> None:
+            if why is INVALID and self.caches.negative is not None:
+                negative_fill(self, "iotlb", (iova, mode, level), ctx,
+                              rec.source(0, ctx) if rec is not None else None)
             raise Stop(PAGE_FAULT[access])
 
         return walk(mode, ctx.fs_root, iova, load=load, store=store, fail=fail,
                     permitted=lambda f: first_stage_permits(f, access, ctx.privileged, ctx.sum),
                     ade=ctx.dc.sade, write=access is Access.WRITE,
-                    svpbmt=self.config.svpbmt)
+                    svpbmt=self.config.svpbmt,
+                    record=None if rec is None else rec.first_stage(ctx, iova, pte_size, be))
 
     def _g_translate(self, ctx: StageContext, gpa: int, access: Access, *, implicit: bool,
                      pdt: bool = False) -> Leaf:
@@ -435,15 +489,24 @@ class RiscvIommu:
         space = (ctx.gscid,)
         write = access is Access.WRITE
         entry = self.caches.gtlb.lookup(space, gpa)
+        rec = self.recorder
         if entry is not None and g_stage_permits(entry.gs_flags, access) and \
                 not needs_ad_update(entry.gs_flags, write):
             self.caches.stats.hits["gtlb"] += 1
             leaf = Leaf(entry.out_base, entry.size, entry.gs_flags, entry.pbmt)
+            if rec is not None:
+                rec.g_leaf(gpa, leaf, entry.source)
         else:
+            if self.caches.negative is not None:
+                negative_hit(self, "gtlb", (space, gpa), ctx, (orig, iotval2))
+            mark = rec.mark() if rec is not None else 0
             leaf = self._g_walk(ctx, gpa, access, iotval2, pdt)
             self.caches.gtlb.insert(space, TlbEntry(
                 ctx.gscid, None, gpa & ~(leaf.size - 1), leaf.size, leaf.out_base, None,
-                leaf.flags, leaf.pbmt, gpa & ~(leaf.size - 1)))
+                leaf.flags, leaf.pbmt, gpa & ~(leaf.size - 1), (),
+                rec.source(mark) if rec is not None else None), gpa)
+            if rec is not None:
+                rec.g_leaf(gpa, leaf, None)
         ctx.g_leaves.append((gpa & ~(leaf.size - 1), leaf.size))
         return leaf
 
@@ -470,12 +533,19 @@ class RiscvIommu:
             return self._compare_exchange(addr, mode.pte_size, old, new, be, fault_cause,
                                           corruption)
 
-        def fail() -> None:
+        rec = self.recorder
+        mark = rec.mark() if rec is not None else 0
+
+        def fail(why: str, level: int) -> None:
+            if why is INVALID and self.caches.negative is not None:
+                negative_fill(self, "gtlb", (gpa, mode, level), ctx,
+                              rec.source(mark) if rec is not None else None)
             raise Stop(GUEST_PAGE_FAULT[ctx.access], iotval2)
 
         return walk(mode, ctx.gs_root, gpa, load=load, store=store, fail=fail,
                     permitted=lambda f: g_stage_permits(f, access), ade=ctx.dc.gade,
-                    write=access is Access.WRITE, svpbmt=self.config.svpbmt)
+                    write=access is Access.WRITE, svpbmt=self.config.svpbmt,
+                    record=None if rec is None else rec.g_stage(ctx, gpa, mode.pte_size, be))
 
     def _compare_exchange(self, addr: int, size: int, old: int, new: int, be: bool,
                           cause: int, corruption: int = Cause.PT_DATA_CORRUPTION) -> int:

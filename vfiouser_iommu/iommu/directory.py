@@ -5,16 +5,19 @@
 `locate_device_context` walks the DDT for a device_id and applies every validity and
 misconfiguration check of §3.1.4; `locate_process_context` walks the PDT (through the
 G-stage when iohgatp is not Bare) and applies the checks of §3.2.3. Failures raise
-`Stop` with the spec's cause.
+`Stop` with the spec's cause. Both tell an optional recorder (`steps.StepRecorder`)
+each entry they read and what they decided.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from vfiouser_iommu.iommu import steps
 from vfiouser_iommu.iommu.config import IommuConfig
 from vfiouser_iommu.iommu.faults import DATA_CORRUPTION, Cause, Stop
+from vfiouser_iommu.iommu.walk import NEXT
 from vfiouser_iommu.memory import GuestMemory, MemoryPoisonError
 
 PPN_MASK = (1 << 44) - 1
@@ -59,6 +62,8 @@ class DeviceContext:
     msi_addr_mask: int = 0
     msi_addr_pattern: int = 0
     reserved: int = 0
+    # What it was read from (steps.Source), when the invalidation checker is on.
+    source: object = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_words(cls, words: list[int]) -> "DeviceContext":
@@ -101,6 +106,7 @@ class ProcessContext:
 
     ta: int
     fsc: int
+    source: object = field(default=None, compare=False, repr=False)
 
     v = property(lambda s: _bit(s.ta, 0))
     ens = property(lambda s: _bit(s.ta, 1))
@@ -141,8 +147,19 @@ def read_table_word(memory: GuestMemory, pas: int, addr: int, size: int, big_end
         raise Stop(corruption if corruption is not None else DATA_CORRUPTION[cause]) from None
 
 
+NOT_VALID = "V=0"
+RESERVED = "reserved bits set"
+
+
+def _non_leaf(value: int) -> str:
+    """What a walk decides on a non-leaf DDT or PDT entry."""
+    if not value & 1:
+        return NOT_VALID
+    return RESERVED if value & _NON_LEAF_RESERVED else NEXT
+
+
 def locate_device_context(memory: GuestMemory, config: IommuConfig, ddtp: int, fctl: int,
-                          device_id: int) -> DeviceContext:
+                          device_id: int, record=None) -> DeviceContext:
     """Walk the DDT for `device_id` (§3.3.3) and check the DC (§3.1.4)."""
     mode = ddtp & 0xF
     be = bool(fctl & 1)
@@ -151,18 +168,24 @@ def locate_device_context(memory: GuestMemory, config: IommuConfig, ddtp: int, f
     for i in range(DDT_LEVELS[mode] - 1, 0, -1):
         ddte = read_table_word(memory, config.pas, a + ddi[i] * 8, 8, be,
                                Cause.DDT_LOAD_ACCESS_FAULT)
-        if not ddte & 1:
+        decision = _non_leaf(ddte)
+        if record is not None:
+            record.step(steps.DDTE, i, a + ddi[i] * 8, ddte, decision, big_endian=be)
+        if decision is NOT_VALID:
             raise Stop(Cause.DDT_ENTRY_NOT_VALID)
-        if ddte & _NON_LEAF_RESERVED:
+        if decision is RESERVED:
             raise Stop(Cause.DDT_ENTRY_MISCONFIGURED)
         a = (ddte >> 10 & PPN_MASK) << PAGE_SHIFT
     base = a + ddi[0] * config.dc_size
     words = [read_table_word(memory, config.pas, base + 8 * k, 8, be,
                              Cause.DDT_LOAD_ACCESS_FAULT) for k in range(config.dc_size // 8)]
     dc = DeviceContext.from_words(words)
-    if not dc.v:
+    why = NOT_VALID if not dc.v else misconfiguration(dc, config, fctl)
+    if record is not None:
+        record.step(steps.DC, 0, base, tuple(words), why or steps.VALID, big_endian=be)
+    if why is NOT_VALID:
         raise Stop(Cause.DDT_ENTRY_NOT_VALID)
-    if device_context_misconfigured(dc, config, fctl):
+    if why is not None:
         raise Stop(Cause.DDT_ENTRY_MISCONFIGURED)
     return dc
 
@@ -235,14 +258,34 @@ def _control_broken(dc: DeviceContext, config: IommuConfig, fctl: int) -> bool:
     return not config.gxl_writable and dc.sxl
 
 
-def device_context_misconfigured(dc: DeviceContext, config: IommuConfig, fctl: int) -> bool:
-    """§3.1.4: any reason a V=1 device context is misconfigured (cause 259).
+_MISCONFIGURATIONS = (
+    ("reserved bits set, or a QoS ID beyond its width",
+     lambda dc, config, fctl: _reserved_bits_set(dc, config)),
+    ("EN_ATS/EN_PRI/PRPR/T2GPA set against the rules or the capabilities",
+     lambda dc, config, fctl: _ats_rules_broken(dc, config)),
+    ("an unsupported or reserved iosatp/pdtp/iohgatp/msiptp mode, DPE without PDTV, or "
+     "a misaligned iohgatp root",
+     lambda dc, config, fctl: _modes_broken(dc, config, bool(fctl & 4))),
+    ("SADE/GADE without AMO_HWAD, SBE against fctl.BE, or SXL against GXL",
+     _control_broken),
+)
+
+
+def misconfiguration(dc: DeviceContext, config: IommuConfig, fctl: int) -> str | None:
+    """§3.1.4: why a V=1 device context is misconfigured (cause 259), or None.
 
     Address-width checks (PPNs beyond PAS) are left to the walk, where they are access
     faults; the spec allows either.
     """
-    return (_reserved_bits_set(dc, config) or _ats_rules_broken(dc, config)
-            or _modes_broken(dc, config, bool(fctl & 4)) or _control_broken(dc, config, fctl))
+    for why, broken in _MISCONFIGURATIONS:
+        if broken(dc, config, fctl):
+            return why
+    return None
+
+
+def device_context_misconfigured(dc: DeviceContext, config: IommuConfig, fctl: int) -> bool:
+    """§3.1.4: whether a V=1 device context is misconfigured (cause 259)."""
+    return misconfiguration(dc, config, fctl) is not None
 
 
 def process_id_fits(process_id: int, pdtp_mode: int) -> bool:
@@ -257,7 +300,8 @@ _PC_TA_RESERVED = (0x1FF << 3) | (0xFFFF_FFFF << 32)
 
 
 def locate_process_context(memory: GuestMemory, config: IommuConfig, dc: DeviceContext,
-                           process_id: int, gpa_to_spa: Callable[[int], int]) -> ProcessContext:
+                           process_id: int, gpa_to_spa: Callable[[int], int],
+                           record=None) -> ProcessContext:
     """Walk the PDT of `dc` for `process_id` (§3.3.2).
 
     `gpa_to_spa` translates each PDT address through the G-stage as an implicit read
@@ -265,21 +309,38 @@ def locate_process_context(memory: GuestMemory, config: IommuConfig, dc: DeviceC
     """
     pdi = process_directory_index(process_id)
     a = dc.fsc_ppn << PAGE_SHIFT
+    translated = dc.iohgatp_mode != BARE
     for i in range(PDT_LEVELS[dc.fsc_mode] - 1, 0, -1):
         spa = gpa_to_spa(a + pdi[i] * 8)
         pdte = read_table_word(memory, config.pas, spa, 8, dc.sbe, Cause.PDT_LOAD_ACCESS_FAULT)
-        if not pdte & 1:
+        decision = _non_leaf(pdte)
+        if record is not None:
+            record.step(steps.PDTE, i, spa, pdte, decision, big_endian=dc.sbe,
+                        gpa=a + pdi[i] * 8 if translated else None)
+        if decision is NOT_VALID:
             raise Stop(Cause.PDT_ENTRY_NOT_VALID)
-        if pdte & _NON_LEAF_RESERVED:
+        if decision is RESERVED:
             raise Stop(Cause.PDT_ENTRY_MISCONFIGURED)
         a = (pdte >> 10 & PPN_MASK) << PAGE_SHIFT
     base = a + pdi[0] * 16
-    words = [read_table_word(memory, config.pas, gpa_to_spa(base + 8 * k), 8, dc.sbe,
-                             Cause.PDT_LOAD_ACCESS_FAULT) for k in range(2)]
+    spas = []
+    words = []
+    for k in range(2):
+        spas.append(gpa_to_spa(base + 8 * k))
+        words.append(read_table_word(memory, config.pas, spas[k], 8, dc.sbe,
+                                     Cause.PDT_LOAD_ACCESS_FAULT))
+    spa = spas[0]
     pc = ProcessContext(*words)
-    if not pc.v:
+    why = NOT_VALID if not pc.v else None
+    if why is None and (pc.ta & _PC_TA_RESERVED or pc.fsc & _ATP_RESERVED):
+        why = RESERVED
+    if why is None and not first_stage_mode_ok(pc.fsc_mode, dc.sxl, config):
+        why = "an unsupported or reserved fsc mode"
+    if record is not None:
+        record.step(steps.PC, 0, spa, tuple(words), why or steps.VALID, big_endian=dc.sbe,
+                    gpa=base if translated else None)
+    if why is NOT_VALID:
         raise Stop(Cause.PDT_ENTRY_NOT_VALID)
-    if (pc.ta & _PC_TA_RESERVED or pc.fsc & _ATP_RESERVED
-            or not first_stage_mode_ok(pc.fsc_mode, dc.sxl, config)):
+    if why is not None:
         raise Stop(Cause.PDT_ENTRY_MISCONFIGURED)
     return pc

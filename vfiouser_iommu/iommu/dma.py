@@ -20,6 +20,20 @@ if TYPE_CHECKING:
     from vfiouser_iommu.iommu.core import RiscvIommu
 
 
+class RequesterStats:
+    """What one requester's DMA did: requests and bytes each way, translations (one per
+    translated page piece), for `query-stats`, `inspect watch` and the trace."""
+
+    __slots__ = ("reads", "writes", "bytes_read", "bytes_written", "translations")
+
+    def __init__(self) -> None:
+        self.reads = self.writes = self.bytes_read = self.bytes_written = 0
+        self.translations = 0
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class IommuDmaView(DmaView):
     """DMA of one requester (device_id, default PASID/privilege), translated by `iommu`.
 
@@ -33,6 +47,7 @@ class IommuDmaView(DmaView):
         self.iommu = iommu
         self.device_id = device_id
         self.attrs = DmaAttrs(process_id, privileged)
+        self.stats = iommu.requester_stats.setdefault(device_id, RequesterStats())
 
     def _request(self, addr: int, write: bool, attrs: DmaAttrs) -> Request:
         access = Access.WRITE if write else Access.EXECUTE if attrs.execute else Access.READ
@@ -41,6 +56,13 @@ class IommuDmaView(DmaView):
     def pieces(self, addr: int, length: int, write: bool,
                attrs: DmaAttrs) -> list[tuple[int, int, SpecialPiece | None]]:
         """One piece per translated page; an MRIF-mode page is a `_MrifPiece`."""
+        stats = self.stats
+        if write:
+            stats.writes += 1
+            stats.bytes_written += length
+        else:
+            stats.reads += 1
+            stats.bytes_read += length
         pieces = []
         end = addr + length
         while addr < end:
@@ -53,6 +75,7 @@ class IommuDmaView(DmaView):
             mrif = None if result.mrif is None else _MrifPiece(self.iommu, request, result)
             pieces.append((result.address, n, mrif))
             addr += n
+        stats.translations += len(pieces)
         return pieces
 
 

@@ -3,7 +3,8 @@
 
 `translate_msi` decides whether a GPA is an interrupt-file page of the device
 (`msi_addr_mask`/`msi_addr_pattern`), fetches and checks its MSI PTE (cached by
-GSCID + interrupt-file number, never when V=0 or malformed) and returns either the
+DC.iohgatp.GSCID + MSI page table + interrupt-file number, never when V=0 or malformed
+unless negative caching is on) and returns either the
 basic-translate result (page offset kept) or an MRIF target. `deliver_mrif` performs an
 MSI write to an MRIF-mode page: set the pending bit in the memory-resident interrupt
 file (pending doubleword of identity i at MRIF + 16*(i//64)), then always send the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vfiouser_iommu.iommu import steps
 from vfiouser_iommu.iommu.directory import (
     MSIPTP_FLAT,
     PPN_MASK,
@@ -21,6 +23,7 @@ from vfiouser_iommu.iommu.directory import (
     read_table_word,
 )
 from vfiouser_iommu.iommu.faults import Cause, Stop
+from vfiouser_iommu.iommu.negative import negative_fill, negative_hit
 from vfiouser_iommu.iommu.request import Access, MrifTarget, Request, Translation
 from vfiouser_iommu.memory import MemoryAccessError, MemoryPoisonError
 
@@ -32,6 +35,7 @@ _BASIC_RESERVED = (0x7F << 3) | (0x1FF << 54)
 _MRIF_DW0_RESERVED = (0xF << 3) | (0x1FF << 54)
 _MRIF_DW1_RESERVED = (0x3F << 54) | (0x7 << 61)
 _C = 1 << 63
+NOT_VALID, MISCONFIGURED = "V=0", "misconfigured (reserved bits or mode, C=1)"
 
 
 def extract_bits(value: int, mask: int) -> int:
@@ -96,22 +100,43 @@ def msi_pte_misconfigured(dw0: int, dw1: int, msi_mrif: bool) -> bool:
 
 def _fetch_msi_pte(iommu: RiscvIommu, ctx: StageContext, index: int,
                    file_page: int) -> tuple[int, int]:
+    """The MSI PTE of interrupt file `index`, from the cache or the MSI page table.
+
+    Its cache tag is DC.iohgatp.GSCID even when the G-stage is Bare: that is what the
+    spec's recipe for an MSI PTE change invalidates (IOTINVAL.GVMA GV=AV=1 with
+    GSCID=DC.iohgatp.GSCID). Cached values are (dw0, dw1, file page, checker source).
+    """
     dc = ctx.dc
-    key = (ctx.gscid, dc.msiptp_ppn, index)
-    cached = iommu.caches.msi.lookup(key)
+    caches = iommu.caches
+    key = (dc.gscid, dc.msiptp_ppn, index)
+    cached = caches.msi.lookup(key)
     if cached is not None:
-        iommu.caches.stats.hits["msi"] += 1
+        caches.stats.hits["msi"] += 1
         return cached[0], cached[1]
-    iommu.caches.stats.misses["msi"] += 1
+    caches.stats.misses["msi"] += 1
+    if caches.negative is not None:
+        negative_hit(iommu, "msi", key, ctx)
     addr = (dc.msiptp_ppn << 12) | (index * 16)
     be = iommu.big_endian
     dw0, dw1 = (read_table_word(iommu.memory, iommu.config.pas, addr + 8 * k, 8, be,
                                 Cause.MSI_PTE_LOAD_ACCESS_FAULT) for k in range(2))
-    if not dw0 & 1:
+    why = NOT_VALID if not dw0 & 1 else None
+    if why is None and msi_pte_misconfigured(dw0, dw1, iommu.config.msi_mrif):
+        why = MISCONFIGURED
+    rec = iommu.recorder
+    source = None
+    if rec is not None:
+        mark = rec.mark()
+        rec.step(steps.MSI_PTE, 0, addr, (dw0, dw1), why or steps.VALID, big_endian=be,
+                 input=file_page << 12)
+        source = rec.source(mark)
+    if why is NOT_VALID:
+        if caches.negative is not None:
+            negative_fill(iommu, "msi", key, ctx, source, file_page)
         raise Stop(Cause.MSI_PTE_NOT_VALID)
-    if msi_pte_misconfigured(dw0, dw1, iommu.config.msi_mrif):
+    if why is not None:
         raise Stop(Cause.MSI_PTE_MISCONFIGURED)
-    iommu.caches.msi.insert(key, (dw0, dw1, file_page))
+    caches.msi.insert(key, (dw0, dw1, file_page, source))
     return dw0, dw1
 
 

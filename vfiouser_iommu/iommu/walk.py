@@ -111,32 +111,67 @@ def needs_ad_update(flags: int, write: bool) -> bool:
     return not flags & PTE_A or (write and not flags & PTE_D)
 
 
-def _bad_pte(flags: int, reserved: int, pbmt: int, n: int, svpbmt: bool) -> bool:
-    if not flags & PTE_V or (flags & PTE_W and not flags & PTE_R) or reserved:
-        return True
-    return bool(pbmt) and (not svpbmt or pbmt == 3)
+# Why a walk stops (the `why` passed to `fail`, and a recorded step's decision).
+INVALID = "V=0"
+W_WITHOUT_R = "W=1 with R=0 (reserved encoding)"
+RESERVED_BITS = "reserved bits 60:54 set"
+BAD_PBMT = "PBMT set without Svpbmt, or reserved PBMT=3"
+BAD_NON_LEAF = "non-leaf PTE with A, D, U, PBMT or N set"
+NO_LEAF = "pointer to a next level at level 0"
+BAD_NAPOT = "N=1 other than a 64 KiB NAPOT leaf at level 0"
+MISALIGNED = "misaligned superpage (PPN bits below the level not zero)"
+DENIED = "permission denied"
+NO_AD = "A or D clear and hardware A/D update off (ADE=0)"
+#: Decisions of the steps that do not stop the walk.
+NEXT, LEAF = "pointer to next level", "leaf"
+
+
+def _bad_pte(flags: int, reserved: int, pbmt: int, n: int, svpbmt: bool) -> str | None:
+    if not flags & PTE_V:
+        return INVALID
+    if flags & PTE_W and not flags & PTE_R:
+        return W_WITHOUT_R
+    if reserved:
+        return RESERVED_BITS
+    return BAD_PBMT if pbmt and (not svpbmt or pbmt == 3) else None
 
 
 def _bad_non_leaf(flags: int, pbmt: int, n: int) -> bool:
     return bool(flags & (PTE_A | PTE_D | PTE_U) or pbmt or n)
 
 
+#: `record(level, address, pte, decision)`: told each PTE a walk reads and what it decided.
+Record = Callable[[int, int, int, str], None]
+
+
 def walk(mode: PagingMode, root: int, va: int, *, load: Callable[[int], int],
-         store: Callable[[int, int, int], int], fail: Callable[[], None],
-         permitted: Callable[[int], bool], ade: bool, write: bool, svpbmt: bool) -> Leaf:
-    """Walk from `root` (a byte address) for `va`; return the leaf or call `fail()`.
+         store: Callable[[int, int, int], int], fail: Callable[[str, int], None],
+         permitted: Callable[[int], bool], ade: bool, write: bool, svpbmt: bool,
+         record: Record | None = None) -> Leaf:
+    """Walk from `root` (a byte address) for `va`; return the leaf or call `fail(why,
+    level)`.
 
     `load(addr)` reads a PTE, `store(addr, old, new)` compare-and-swaps one and returns
     the value found. A/D are set by `store` when `ade`, otherwise missing A/D fails. A
-    PTE that changed under the update restarts the walk, as the spec requires.
+    PTE that changed under the update restarts the walk, as the spec requires. `why` is
+    one of the reasons above and `level` the level of the PTE that stopped the walk.
+    `record`, when given, sees every PTE read and the decision taken on it (the walk
+    explainer and the invalidation checker use it; docs/introspection.md).
     """
     while True:
-        leaf = _walk_once(mode, root, va, load, store, fail, permitted, ade, write, svpbmt)
+        leaf = _walk_once(mode, root, va, load, store, fail, permitted, ade, write, svpbmt,
+                          record)
         if leaf is not None:
             return leaf
 
 
-def _walk_once(mode, root, va, load, store, fail, permitted, ade, write, svpbmt):
+def _stop(fail, record, level: int, addr: int, pte: int, why: str) -> None:
+    if record is not None:
+        record(level, addr, pte, why)
+    fail(why, level)
+
+
+def _walk_once(mode, root, va, load, store, fail, permitted, ade, write, svpbmt, record):
     a = root
     g = 0
     vpn_bits, sv32 = mode.vpn_bits, mode.sv32
@@ -145,30 +180,38 @@ def _walk_once(mode, root, va, load, store, fail, permitted, ade, write, svpbmt)
         addr = a + (va >> (12 + i * vpn_bits) & ((1 << width) - 1)) * mode.pte_size
         pte = load(addr)
         flags, ppn, reserved, pbmt, n = decode_pte(pte, sv32)
-        if _bad_pte(flags, reserved, pbmt, n, svpbmt):
-            fail()
+        why = _bad_pte(flags, reserved, pbmt, n, svpbmt)
+        if why is not None:
+            _stop(fail, record, i, addr, pte, why)
         g |= flags & PTE_G
         if not flags & PTE_PERMS:
-            if i == 0 or _bad_non_leaf(flags, pbmt, n):
-                fail()
+            if i == 0:
+                _stop(fail, record, i, addr, pte, NO_LEAF)
+            if _bad_non_leaf(flags, pbmt, n):
+                _stop(fail, record, i, addr, pte, BAD_NON_LEAF)
+            if record is not None:
+                record(i, addr, pte, NEXT)
             a = ppn << 12
             continue
         size = 1 << (12 + i * vpn_bits)
         if n:
             if i != 0 or ppn & 0xF != _NAPOT_64K:
-                fail()
+                _stop(fail, record, i, addr, pte, BAD_NAPOT)
             size = 1 << 16
         elif ppn & ((1 << (i * vpn_bits)) - 1):
-            fail()
+            _stop(fail, record, i, addr, pte, MISALIGNED)
         if not permitted(flags):
-            fail()
+            _stop(fail, record, i, addr, pte, DENIED)
         if needs_ad_update(flags, write):
             if not ade:
-                fail()
+                _stop(fail, record, i, addr, pte, NO_AD)
             new = pte | PTE_A | (PTE_D if write else 0)
             if store(addr, pte, new) != pte:
                 return None
             flags |= PTE_A | (PTE_D if write else 0)
+            pte = new
+        if record is not None:
+            record(i, addr, pte, LEAF)
         return Leaf((ppn << 12) & ~(size - 1), size, flags | g, pbmt)
-    fail()
+    fail(NO_LEAF, 0)
     return None

@@ -1,12 +1,14 @@
 """Benchmark: virtio-net between a guest and a network namespace, ours vs QEMU's.
 
-Three stacks, each a guest whose virtio-net sits at 02.0 behind an IOMMU at 01.0 and
+Four stacks, each a guest whose virtio-net sits at 02.0 behind an IOMMU at 01.0 and
 whose wire is a tap in a namespace the benchmark makes (pyroute2):
 
 - `qemu`: QEMU's riscv-iommu-pci + its own virtio-net-pci (defaults: checksum and
   segmentation offloads, mergeable receive buffers), vhost off, QEMU in the namespace;
-- `qemu-plain`: the same with the offloads and MRG_RXBUF off, the feature set ours offers;
-- `ours`: our IOMMU + our virtio-net over vfio-user (the server opens the tap).
+- `ours`: our IOMMU + our virtio-net over vfio-user (the server opens the tap), with
+  its default offloads (checksum, TSO4/6, ECN, mergeable receive buffers);
+- `qemu-plain` and `ours-plain`: the same two with no offload and no MRG_RXBUF
+  (virtio-net-pci properties; our `offload=off`): one frame per wire frame.
 
 Per boot, measured between the guest and the namespace (10.0.2.15 <-> 10.0.2.2):
 
@@ -68,8 +70,9 @@ PING_RE = re.compile(r"@@PING round-trip min/avg/max = [\d.]+/([\d.]+)/")
 
 
 def _boot(stack: str, lab, net, tool):
-    if stack == "ours":
-        topology = Topology.parse("01.0", [net.endpoint_spec("02.0")])
+    if stack.startswith("ours"):
+        options = {"offload": "off"} if stack == "ours-plain" else {}
+        topology = Topology.parse("01.0", [net.endpoint_spec("02.0", **options)])
         return boot_ours(lab, SCRIPT, 900, echo=None, topology=topology, verbose=0,
                          files=tool)
     return boot_reference_net(lab, net, SCRIPT, 900, echo=None, files=tool,
@@ -103,7 +106,7 @@ def _measure(stack: str, lab, net, tool) -> dict[str, float]:
 
 def test_virtio_net_ours_vs_qemu(lab, tap_network):
     tool = {"bin/netbench": guest_tool(lab, "netbench").read_bytes()}
-    stacks = ("qemu", "qemu-plain", "ours")
+    stacks = ("qemu", "ours", "qemu-plain", "ours-plain")
     samples: dict[str, list[dict[str, float]]] = {s: [] for s in stacks}
     for _ in range(REPEATS):
         for stack in stacks:
@@ -116,15 +119,16 @@ def test_virtio_net_ours_vs_qemu(lab, tap_network):
         (f"UDP 64 B guest -> namespace, {UDP_PACKETS} sent (packets/s)", "udp_pps", "{:.0f}"),
         ("ping -A round trips/s (56 B)", "ping_rt", "{:.0f}"),
     ]
-    print(f"\nvirtio-net, medians of {REPEATS} boots per stack "
-          "(qemu = riscv-iommu-pci + virtio-net-pci with its default offloads; "
-          "qemu-plain = the same without offloads and MRG_RXBUF, as ours)")
-    print("| measure | qemu | qemu-plain | ours | ours/qemu | ours/qemu-plain |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\nvirtio-net, medians of {REPEATS} boots per stack (qemu: riscv-iommu-pci + "
+          "virtio-net-pci; ours: our IOMMU + virtio-net over vfio-user; plain: no offloads, "
+          "no MRG_RXBUF)")
+    print("| measure | qemu | ours | ours/qemu | qemu-plain | ours-plain | plain ours/qemu |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, key, fmt in rows:
-        q, p, o = med["qemu"][key], med["qemu-plain"][key], med["ours"][key]
-        print(f"| {label} | {fmt.format(q)} | {fmt.format(p)} | {fmt.format(o)} "
-              f"| {o / q:.2f} | {o / p:.2f} |")
+        q, o = med["qemu"][key], med["ours"][key]
+        qp, op = med["qemu-plain"][key], med["ours-plain"][key]
+        print(f"| {label} | {fmt.format(q)} | {fmt.format(o)} | {o / q:.2f} "
+              f"| {fmt.format(qp)} | {fmt.format(op)} | {op / qp:.2f} |")
     print("UDP datagrams lost on the way (median): "
           + ", ".join(f"{s} {med[s]['udp_lost']:.1%}" for s in stacks))
     for stack in stacks:

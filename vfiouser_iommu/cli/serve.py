@@ -31,7 +31,7 @@ Endpoint kinds: {", ".join(sorted(ENDPOINTS))}. Options:
   iommu-testdev@SS.F
   virtio-blk@SS.F,disk=PATH[,readonly=on]
   virtio-rng@SS.F
-  virtio-net@SS.F,tap=NAME[,netns=NAME][,mac=XX:XX:XX:XX:XX:XX]
+  virtio-net@SS.F,tap=NAME[,netns=NAME][,mac=XX:XX:XX:XX:XX:XX][,offload=off]
       an existing tap, in network namespace NAME (/run/netns/NAME or a path) if given
 Example: vfiouser-iommu serve --socket-dir /tmp/vfu --iommu 01.0 \\
              --endpoint iommu-testdev@02.0 --endpoint virtio-blk@03.0,disk=disk.img

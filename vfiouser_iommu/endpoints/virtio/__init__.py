@@ -2,7 +2,7 @@
 
 `build_blk`, `build_rng` and `build_net` build them from function-spec options
 (`virtio-blk@SS.F,disk=PATH[,readonly=on]`, `virtio-rng@SS.F`,
-`virtio-net@SS.F,tap=NAME[,netns=NAME][,mac=XX:XX:XX:XX:XX:XX]`).
+`virtio-net@SS.F,tap=NAME[,netns=NAME][,mac=XX:XX:XX:XX:XX:XX][,offload=off]`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .blk import VirtioBlk
 from .net import MAX_MTU, VirtioNet
 from .pci import VirtioPciFunction
 from .rng import VirtioRng
-from .tap import open_tap
+from .tap import open_tap, set_offload
 
 _SWITCH = {"on": True, "off": False}
 
@@ -64,20 +64,26 @@ def default_mac(tap: str, netns: str | None) -> bytes:
 
 def build_net(options: dict[str, str]) -> VirtioPciFunction:
     """virtio-net on the existing tap `tap=NAME`, in network namespace `netns=NAME` if
-    given; `mac=` (default: derived from the tap's name and namespace)."""
-    unknown = set(options) - {"tap", "netns", "mac"}
+    given; `mac=` (default: derived from the tap's name and namespace); `offload=off`
+    offers no checksum/segmentation offload and no mergeable buffers (default on)."""
+    unknown = set(options) - {"tap", "netns", "mac", "offload"}
     if unknown:
         raise ValueError(f"virtio-net: unknown options {sorted(unknown)}")
     tap, netns = options.get("tap"), options.get("netns") or None
     if not tap:
         raise ValueError("virtio-net: tap=NAME is required (an existing tap device)")
     mac = parse_mac(options["mac"]) if "mac" in options else default_mac(tap, netns)
+    offload = _SWITCH.get(options.get("offload", "on"))
+    if offload is None:
+        raise ValueError("virtio-net: offload=on|off")
     try:
         fd, mtu = open_tap(tap, netns)
     except ValueError as e:
         raise ValueError(f"virtio-net: {e}") from None
     label = f"virtio-net[{netns}/{tap}]" if netns else f"virtio-net[{tap}]"
-    return VirtioPciFunction(VirtioNet(fd, mac, min(mtu, MAX_MTU), label=label))
+    device = VirtioNet(fd, mac, min(mtu, MAX_MTU), label=label, offload=offload,
+                       set_offload=lambda flags: set_offload(fd, flags))
+    return VirtioPciFunction(device)
 
 
 __all__ = ["VirtioBlk", "VirtioNet", "VirtioPciFunction", "VirtioRng", "build_blk", "build_net",

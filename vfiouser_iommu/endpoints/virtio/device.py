@@ -44,6 +44,12 @@ class DeviceContext(Protocol):
     def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
         """Call `callback` from the event loop whenever `fd` is readable; None stops."""
 
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` from the event loop, after the current work."""
+
+    def queue_size(self, queue: int) -> int:
+        """The size the driver gave `queue` (chains it can hold at once)."""
+
 
 class DetachedContext:
     """The context of a device no transport serves: nothing completes, nothing is watched."""
@@ -55,6 +61,12 @@ class DetachedContext:
 
     def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
         pass
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        pass
+
+    def queue_size(self, queue: int) -> int:
+        return 0
 
 
 class DeviceNeedsReset(Exception):

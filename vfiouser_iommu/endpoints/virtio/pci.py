@@ -353,14 +353,14 @@ class VirtioPciFunction(PciFunction):
 
     # -- DeviceContext: chains a device kept, and the file descriptors it watches ------------
     def complete(self, queue: int, used: list[tuple[int, int]]) -> bool:
-        """Push chains the device kept back then; one notification for the batch."""
+        """Push chains the device kept back then, published together (one used.idx
+        write); one notification for the batch."""
         vq = self.queues[queue]
         if not (self.running and vq.enabled):
             return False
         old_used = vq.used_idx
         try:
-            for head, written in used:
-                vq.push(self.dma, head, written)
+            vq.push_batch(self.dma, used)
             if vq.needs_interrupt(self.dma, old_used,
                                   event_idx=self._negotiated(VIRTIO_F_EVENT_IDX)):
                 self._interrupt(vq.msix_vector, ISR_QUEUE)
@@ -371,6 +371,12 @@ class VirtioPciFunction(PciFunction):
 
     def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
         self.host.watch_fd(fd, callback)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.host.call_soon(callback)
+
+    def queue_size(self, queue: int) -> int:
+        return self.queues[queue].size
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         """Sections 4.1.5.3-4: MSI-X when enabled (none for NO_VECTOR), else ISR + INTx."""

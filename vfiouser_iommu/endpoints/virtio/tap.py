@@ -5,7 +5,8 @@ link state set by whoever made it): attaching to it with TUNSETIFF would otherwi
 create a fresh, unconfigured one, which is never what a user meant. The file
 descriptor is opened with IFF_VNET_HDR and a 12-byte header (the `virtio_net_hdr` of
 VIRTIO_F_VERSION_1) and no offloads (TUNSETOFFLOAD 0), so the tap never hands us a
-frame with a partial checksum or a GSO frame (linux/if_tun.h, drivers/net/tun.c).
+frame with a partial checksum or a GSO frame until `set_offload` says the reader
+takes them (linux/if_tun.h, drivers/net/tun.c).
 
 **Network namespaces.** A tap is found by name in the caller's network namespace. With
 `netns`, the calling thread enters that namespace (setns(2), through pyroute2's netns
@@ -31,6 +32,11 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 SIOCGIFMTU = 0x8921
+# TUNSETOFFLOAD flags: which offloaded frames the tap may hand us.
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -89,6 +95,12 @@ def open_tap(name: str, netns: str | None = None) -> tuple[int, int]:
     return fd, mtu
 
 
+def set_offload(fd: int, flags: int) -> None:
+    """Tell the tap which offloads the reader accepts (TUN_F_*): it then hands over
+    frames with partial checksums or GSO frames of those kinds, and no others."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
 def _attach(name: str, where: str) -> int:
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -98,7 +110,7 @@ def _attach(name: str, where: str) -> int:
         ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
         fcntl.ioctl(fd, TUNSETIFF, ifr)
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
-        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        set_offload(fd, 0)
     except OSError as e:
         os.close(fd)
         why = {errno.EINVAL: "it is not a tap device (or is a multiqueue one)",

@@ -167,6 +167,17 @@ class SplitVirtqueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         dma.write_int(self.device + 2, 2, self.used_idx)
 
+    def push_batch(self, dma: DmaView, used: list[tuple[int, int]]) -> None:
+        """Return several chains (head, written), publishing them with one used.idx
+        write after all their elements: a frame spread over several chains
+        (virtio-net's MRG_RXBUF) must never be seen in part: the driver takes every
+        element below used.idx (section 2.7.8)."""
+        for head, written in used:
+            slot = self.used_idx % self.size
+            dma.write(self._used_elem_addr(slot), VIRTQ_USED_ELEM.pack(head, written))
+            self.used_idx = (self.used_idx + 1) & 0xFFFF
+        dma.write_int(self.device + 2, 2, self.used_idx)
+
     def needs_interrupt(self, dma: DmaView, old_used_idx: int, *, event_idx: bool) -> bool:
         """Whether used entries [old_used_idx, used_idx) deserve a notification (2.7.7)."""
         if old_used_idx == self.used_idx:

@@ -35,7 +35,7 @@ def counts(junit):
 
 def test_smoke_on_the_lab_kernel_passes_with_valid_ktap_and_junit(tmp_path):
     proc, ktap, junit = smoke(tmp_path)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:] + ktap[-6000:]
     m = re.search(r"== smoke: (\d+)/(\d+) checks passed", proc.stdout)
     assert m and m.group(1) == m.group(2), proc.stdout[-2000:]
     total = int(m.group(2))

@@ -77,3 +77,30 @@ def test_only_selects_suites_and_checks_by_name_or_pattern():
         "reboot": {"second-boot-probe"}}
     with pytest.raises(ValueError, match="names no suite or check"):
         select(SUITES, ["no-such-check"])
+
+
+def test_smoke_runs_the_checker_unless_told_not_to():
+    from vfiouser_iommu.smoke.battery import iommu_options
+
+    assert iommu_options("") == "check=on"
+    assert iommu_options("svpbmt=off") == "svpbmt=off,check=on"
+    assert iommu_options("check=off") == "check=off"
+    assert iommu_options("", strict=True) == "check=on,cache=max,negative=on"
+    assert iommu_options("cache=spec", strict=True) == "cache=spec,check=on,negative=on"
+
+
+def test_the_checker_host_check_reads_the_servers_summary(tmp_path):
+    from vfiouser_iommu.lab.boot import GuestRun
+    from vfiouser_iommu.lab.initramfs import Verdict
+    from vfiouser_iommu.smoke.battery import HOST_CHECKS, Boot
+
+    def check(log):
+        run = GuestRun(Verdict([], 0), server_log=log)
+        return HOST_CHECKS["invalidation-checker"](Boot(run, tmp_path, {}))
+
+    clean = check("x INFO: invalidation checker: 0 distinct stale use(s), 0 use(s) in all\n")
+    assert clean.passed
+    stale = check("x WARNING: stale use of the IOTLB: leaf PTE at 0x1000 ...\n"
+                  "x WARNING: invalidation checker: 1 distinct stale use(s), 3 use(s) in all\n")
+    assert not stale.passed and "stale use of the IOTLB" in stale.evidence[0]
+    assert not check("no summary at all").passed

@@ -12,7 +12,9 @@ HELP = """\
 Boot a riscv64 kernel (default: the lab's; --kernel for your own) on our RISC-V IOMMU
 and run the guest battery against its riscv-iommu driver: probe with no driver error,
 IRQ vectors, IOMMU groups, a checksummed virtio-blk round trip, virtio-rng, a provoked
-DMA fault and the driver's fault line, reboot and re-probe. Every boot has a deadline:
+DMA fault and the driver's fault line, reboot and re-probe, all with our invalidation
+checker on: a driver that changes a table and uses it before the invalidation the
+spec requires fails the invalidation-checker check. Every boot has a deadline:
 a kernel that panics or hangs fails its checks with the console tail, it never hangs
 the job.
 
@@ -45,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iommu", default="", metavar="OPTIONS",
                    help="options for our IOMMU, as `serve --iommu 01.0,OPTIONS` takes them "
                         "(e.g. svpbmt=off, caps=0x...)")
+    p.add_argument("--strict", action="store_true",
+                   help="besides the invalidation checker (always on unless check=off), "
+                        "run our IOMMU with cache=max,negative=on: a missing invalidation "
+                        "then shows as a wrong translation at once")
     p.add_argument("--append", default="", metavar="ARGS",
                    help="extra kernel command-line arguments")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
@@ -83,7 +89,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, chosen, workdir: Path) -> int:
     from vfiouser_iommu.lab.debian import LabError
     from vfiouser_iommu.lab.paths import NoLab, load_lab
-    from vfiouser_iommu.smoke.battery import Smoke, lab_for_kernel
+    from vfiouser_iommu.smoke.battery import Smoke, iommu_options, lab_for_kernel
     from vfiouser_iommu.smoke.report import ktap, write_junit
 
     try:
@@ -93,13 +99,14 @@ def _run(args: argparse.Namespace, chosen, workdir: Path) -> int:
     except (NoLab, LabError) as e:
         print(f"smoke: {e}", file=sys.stderr)
         return 2
+    options = iommu_options(args.iommu, args.strict)
     header = [f"vfiouser-iommu smoke: kernel {lab.kernel_version} ({lab.kernel_source})",
-              f"QEMU {lab.qemu_version}; IOMMU options: {args.iommu or '(defaults)'}"]
+              f"QEMU {lab.qemu_version}; IOMMU options: {options}"]
     for line in header:
         print(line)
     started = time.monotonic()
     smoke = Smoke(lab, workdir, iommu_options=args.iommu, timeout=args.timeout,
-                  append=args.append)
+                  append=args.append, strict=args.strict)
     suites = smoke.run(chosen)
     checks = [c for s in suites for c in s.checks]
     failed = [f"{s.name}/{c.name}" for s in suites for c in s.checks if not c.passed]

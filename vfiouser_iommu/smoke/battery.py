@@ -87,7 +87,27 @@ def _reset_twice(boot: Boot) -> Check:
                  detail=f"{resets} device resets, {probes} global IODIR.INVAL_DDT")
 
 
+_CHECKER_SUMMARY = re.compile(r"invalidation checker: (\d+) distinct stale use\(s\), "
+                              r"(\d+) use\(s\) in all")
+
+
+def _checker_clean(boot: Boot) -> Check:
+    """The invalidation checker (check=on) saw the driver use no stale cache entry: every
+    change it made to a DC, PC, PTE or MSI PTE was followed by the invalidation the spec
+    requires before the IOMMU used it again."""
+    log = boot.run.server_log
+    m = _CHECKER_SUMMARY.search(log)
+    if m is None:
+        return Check("invalidation-checker", False,
+                     detail="no checker summary in the server log (is check=on?)")
+    stale = [line for line in log.splitlines() if "stale use of" in line]
+    return Check("invalidation-checker", m.group(1) == "0",
+                 detail=f"{m.group(1)} distinct stale uses, {m.group(2)} in all",
+                 evidence=stale[:20])
+
+
 HOST_CHECKS: dict[str, Callable[[Boot], Check]] = {
+    "invalidation-checker": _checker_clean,
     "commands-complete": _commands_complete,
     "virtio-blk-data-on-image": _blk_data_on_image,
     "server-no-errors": _server_clean,
@@ -119,14 +139,16 @@ SUITES: tuple[SuiteSpec, ...] = (
         "the driver probes our IOMMU with no error, its MSI-X vectors are wired, every "
         "endpoint is in an IOMMU group, virtio-blk and virtio-rng do DMA through it, a "
         "provoked DMA fault reaches the driver's fault handler",
-        host_checks=("commands-complete", "virtio-blk-data-on-image", "server-no-errors")),
+        host_checks=("commands-complete", "virtio-blk-data-on-image", "invalidation-checker",
+                     "server-no-errors")),
     SuiteSpec(
         "reboot", "reboot.sh",
         ("first-boot-probe", "second-boot-probe",
          *(f"second-boot-group-{bdf}" for bdf in ENDPOINT_BDFS),
          "second-boot-no-driver-errors", "second-boot-virtio-blk"),
         "the guest reboots, QEMU resets our functions, the driver probes again",
-        reboot=True, host_checks=("iommu-reset-and-reprobed", "server-no-errors")),
+        reboot=True,
+        host_checks=("iommu-reset-and-reprobed", "invalidation-checker", "server-no-errors")),
 )
 
 def select(suites: tuple[SuiteSpec, ...], only: list[str]) -> list[tuple[SuiteSpec, set[str]]]:
@@ -159,6 +181,7 @@ class Smoke:
     lab: Lab
     workdir: Path
     iommu_options: str = ""
+    strict: bool = False
     timeout: float = 120.0
     append: str = ""
     out: TextIO | None = field(default=sys.stdout)
@@ -178,8 +201,8 @@ class Smoke:
         workdir = self.workdir / spec.name
         workdir.mkdir(parents=True, exist_ok=True)
         timer = _Timer(self.say)
-        topology = Topology.parse("01.0" + (f",{self.iommu_options}"
-                                            if self.iommu_options else ""), [])
+        topology = Topology.parse(
+            f"01.0,{iommu_options(self.iommu_options, self.strict)}", [])
         started = time.monotonic()
         try:
             run = boot_ours(self.lab, default_script(spec.script), timeout=self.timeout,
@@ -231,6 +254,16 @@ class Smoke:
                         why.splitlines())]
         checks += [Check(n, False, detail="not run: our stack did not start") for n in names]
         return Suite(spec.name, checks, seconds)
+
+
+def iommu_options(user: str, strict: bool = False) -> str:
+    """Our IOMMU's options for a smoke boot: the invalidation checker on (the driver must
+    give it nothing to report) unless the user says check=off; with `strict`, caches at
+    their largest and negative caching too, so a missing invalidation shows at once."""
+    given = {item.partition("=")[0] for item in user.split(",") if item}
+    extra = [f"{k}={v}" for k, v in (("check", "on"), ("cache", "max"), ("negative", "on"))
+             if k not in given and (k == "check" or strict)]
+    return ",".join(filter(None, [user, *extra]))
 
 
 class _Timer:

@@ -32,7 +32,9 @@ ENDPOINT_BDFS = ("0000:00:02.0", "0000:00:03.0", "0000:00:04.0")
 CONSOLE_TAIL = 25
 MISSING_TAIL = 6
 _SERVER_LOG_EVIDENCE = re.compile(r"WARNING|ERROR|Traceback|fault cause|stale", re.I)
-_PANIC = re.compile(r"Kernel panic|Oops|BUG:|Unable to handle kernel")
+# Fatal kernel errors. Lockup and stall reports are not among them: an overloaded CI
+# host makes a TCG guest report them although nothing is wrong with the kernel.
+_PANIC = re.compile(r"Kernel panic|Oops|Unable to handle kernel|BUG: (?!.*lockup)")
 
 
 @dataclass

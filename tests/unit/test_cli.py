@@ -28,7 +28,10 @@ def test_lab_subcommands_explain_themselves(capsys, sub):
 def test_lab_boot_options():
     args = parse("lab", "boot", "--reference", "--script", "/x.sh", "--timeout", "42")
     assert args.reference and str(args.script) == "/x.sh" and args.timeout == 42.0
-    assert parse("lab", "boot").timeout == 300 and not parse("lab", "boot").reference
+    # No --timeout: 300 s, or none at all with --keep-running (cmd_boot decides).
+    assert parse("lab", "boot").timeout is None and not parse("lab", "boot").reference
+    keep = parse("lab", "boot", "--keep-running", "--trace", "/t.json")
+    assert keep.keep_running and str(keep.trace) == "/t.json"
 
 
 def test_lab_provision_options():

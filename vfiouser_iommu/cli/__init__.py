@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Order here is the order in --help.
-SUBCOMMANDS = ("serve", "lab", "smoke")
+SUBCOMMANDS = ("serve", "inspect", "lab", "smoke")
 
 DESCRIPTION = """\
 An emulated RISC-V IOMMU (spec v1.0.1) that runs outside QEMU as a vfio-user server.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "virtio-rng-pci behind it) instead of ours")
     p.add_argument("--script", type=Path, metavar="PATH",
                    help="guest script (default: the demo script)")
-    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
-                   help="stop the guest after this long (default: %(default)s)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop the guest after this long (default: 300, none with "
+                        "--keep-running)")
     p.add_argument("--quiet", action="store_true", help="do not stream the console")
     p.add_argument("--workdir", type=Path, metavar="DIR",
                    help="keep the sockets, scratch disk, DTB and server log here "
@@ -72,6 +74,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "scratch image)")
     p.add_argument("--disk-size", type=int, default=64, metavar="MIB",
                    help="size of the scratch disk image (default: %(default)s MiB)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="after the script, keep the guest running (until Ctrl-C or "
+                        "--timeout) and print our server's control socket, so that "
+                        "`vfiouser-iommu inspect` can look at the live guest")
+    p.add_argument("--trace", type=Path, metavar="FILE.json",
+                   help="our server writes a trace-event file (serve --trace)")
     p.set_defaults(func=cmd_boot)
 
     p = cmds.add_parser("qemu-args", help="print QEMU arguments for vfio-user functions",
@@ -152,9 +160,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from vfiouser_iommu.lab.stack import StackError, Topology
     from vfiouser_iommu.topology import IOMMU_KIND, parse_functions
 
-    if args.reference and (args.iommu or args.endpoint):
-        print("vfiouser-iommu: --iommu/--endpoint describe our stack, not --reference",
-              file=sys.stderr)
+    if args.reference and (args.iommu or args.endpoint or args.keep_running or args.trace):
+        print("vfiouser-iommu: --iommu/--endpoint/--keep-running/--trace are for our stack, "
+              "not --reference", file=sys.stderr)
         return 2
     topology = Topology.parse(args.iommu, args.endpoint)
     try:
@@ -169,12 +177,18 @@ def cmd_boot(args: argparse.Namespace) -> int:
     script = args.script.read_text() if args.script else default_script()
     echo = None if args.quiet else sys.stdout
     disk_size = args.disk_size << 20
+    timeout = args.timeout or (10.0 ** 9 if args.keep_running else 300.0)
     if args.reference:
-        run = boot_reference(lab, script, args.timeout, echo=echo, disk_size=disk_size)
+        run = boot_reference(lab, script, timeout, echo=echo, disk_size=disk_size)
     else:
+        workdir, on_line = args.workdir, None
+        if args.keep_running:
+            script, workdir, on_line = _keep_running(script, workdir)
+        serve_args = ["--trace", str(args.trace.resolve())] if args.trace else []
         try:
-            run = boot_ours(lab, script, args.timeout, echo=echo, workdir=args.workdir,
-                            topology=topology, disk_size=disk_size)
+            run = boot_ours(lab, script, timeout, echo=echo, workdir=workdir,
+                            topology=topology, disk_size=disk_size, on_line=on_line,
+                            serve_args=serve_args)
         except StackError as e:
             print(f"vfiouser-iommu: {e}", file=sys.stderr)
             return 1
@@ -186,6 +200,31 @@ def cmd_boot(args: argparse.Namespace) -> int:
     boot = f", init after {run.init_seconds:.1f}s" if run.init_seconds else ""
     print(f"== {status}: {run.verdict.summary()}{extra} [{run.seconds:.1f}s{boot}]")
     return 0 if run.verdict.passed else 1
+
+
+def _keep_running(script: str, workdir: Path | None):
+    """The script, workdir and console watcher of `lab boot --keep-running`."""
+    import tempfile
+
+    from vfiouser_iommu.lab.boot import KEEP_RUNNING_MARK, keep_running_script
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="vfiouser-iommu-"))
+    control = (workdir / "sockets" / "control.sock").resolve()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # A SIGTERM (say from `timeout`) stops the guest and our server like Ctrl-C does,
+    # instead of leaving them running in their own sessions.
+    signal.signal(signal.SIGTERM, interrupt)
+
+    def on_line(line: str) -> None:
+        if line.strip() == KEEP_RUNNING_MARK:
+            print(f"== the guest keeps running; our server's control socket is {control}\n"
+                  f"   e.g. vfiouser-iommu inspect {control} stats   (Ctrl-C stops the guest)",
+                  flush=True)
+
+    return keep_running_script(script), workdir, on_line
 
 
 def cmd_qemu_args(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..control import CONTROL_SOCKET, start_control
+from ..control.trace import TraceWriter
 from ..endpoints import ENDPOINTS, build_endpoint
 from ..iommu_pci import build_iommu_function
 from ..topology import IOMMU_KIND, FunctionSpec, check_unique, parse_function
@@ -35,6 +37,10 @@ Endpoint kinds: {", ".join(sorted(ENDPOINTS))}. Options:
       an existing tap, in network namespace NAME (/run/netns/NAME or a path) if given
 Example: vfiouser-iommu serve --socket-dir /tmp/vfu --iommu 01.0 \\
              --endpoint iommu-testdev@02.0 --endpoint virtio-blk@03.0,disk=disk.img
+
+The control socket (SOCKET_DIR/control.sock unless --control moves it) answers
+`vfiouser-iommu inspect SOCKET_DIR COMMAND`: registers, contexts, walks, caches,
+faults, commands, statistics, modes (docs/introspection.md).
 """
 
 
@@ -50,6 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dma-layout", choices=[m.value for m in DmaLayout],
                    default=DmaLayout.SPEC.value,
                    help="DMA_READ/DMA_WRITE layout the client speaks (default: %(default)s)")
+    p.add_argument("--control", type=Path, metavar="PATH",
+                   help="the control socket (default: SOCKET_DIR/control.sock)")
+    p.add_argument("--no-control", action="store_true", help="serve no control socket")
+    p.add_argument("--trace", type=Path, metavar="FILE.json",
+                   help="write a Chrome trace-event file of the IOMMU's commands, faults, "
+                        "invalidations, interrupts, stale uses and per-endpoint rates "
+                        "(open it in ui.perfetto.dev); needs --iommu")
     p.set_defaults(func=cmd_serve)
 
 
@@ -71,6 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.endpoint and args.iommu is None:
         print("serve: nothing to serve (give --endpoint or --iommu)", file=sys.stderr)
         return 2
+    if args.trace and args.iommu is None:
+        print("serve: --trace traces the IOMMU: give --iommu", file=sys.stderr)
+        return 2
     try:
         specs = ([args.iommu] if args.iommu else []) + args.endpoint
         check_unique(specs)
@@ -85,14 +101,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     args.socket_dir.mkdir(parents=True, exist_ok=True)
     server = Server(dma_layout=DmaLayout(args.dma_layout))
+    iommu_function = functions[0][0] if args.iommu is not None else None
+    endpoints = [(spec, f) for f, spec in functions if f is not iommu_function]
+    control = trace = None
+    if args.trace:
+        try:
+            trace = TraceWriter(args.trace, server, iommu_function, endpoints)
+        except OSError as e:
+            print(f"serve: --trace {args.trace}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    if not args.no_control:
+        path = args.control or args.socket_dir / CONTROL_SOCKET
+        try:
+            control = start_control(server, path, iommu_function, endpoints, trace)
+        except (OSError, ValueError) as e:
+            print(f"serve: control socket {path}: {e}", file=sys.stderr)
+            return 2
     for function, spec in functions:
         server.add_function(function, spec.socket_path(args.socket_dir))
         print(f"{spec.kind}@{spec.addr}: {spec.socket_path(args.socket_dir)}", flush=True)
+    if control is not None:
+        # Last, after every function's line: whoever waits for those finds all listening.
+        print(f"control: {control.path}", flush=True)
     try:
         server.serve_forever()
     finally:
-        if args.iommu is not None:
-            _checker_summary(functions[0][0].iommu)
+        if control is not None:
+            control.close()
+        if trace is not None:
+            trace.close()
+        if iommu_function is not None:
+            _checker_summary(iommu_function.iommu)
     return 0
 
 

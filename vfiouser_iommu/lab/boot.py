@@ -97,7 +97,11 @@ def _pump(proc: subprocess.Popen, deadline: float, lines: list[str], echo: TextI
     pending = b""
     try:
         while time.monotonic() < deadline:
-            if not sel.select(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
+            try:
+                ready = sel.select(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            except KeyboardInterrupt:
+                return True          # Ctrl-C ends the guest like a power-off would
+            if not ready:
                 if proc.poll() is not None:
                     return True
                 continue
@@ -181,6 +185,16 @@ def reference_net_args(tap: str, iommu_addr: str = "01.0", net_addr: str = "02.0
     ]
 
 
+KEEP_RUNNING_MARK = "@@KEEP-RUNNING"
+
+
+def keep_running_script(script: str) -> str:
+    """`script`, then the verdict line, then an idle guest that runs until stopped (so
+    that a person or a test can inspect it: `lab boot --keep-running`)."""
+    return (f'{script}\necho "@@DONE $?"\necho "{KEEP_RUNNING_MARK}"\n'
+            "while :; do sleep 3600; done\n")
+
+
 def make_scratch_disk(path: Path, size: int = 64 << 20) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
@@ -202,12 +216,15 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
               topology=None, workdir: Path | None = None, memory: str = DEFAULT_MEMORY,
               verbose: int = 1, reboot: bool = False, disk_size: int = 64 << 20,
               files: dict[str, bytes] | None = None,
-              on_line: Callable[[str], None] | None = None, append: str = "") -> GuestRun:
+              on_line: Callable[[str], None] | None = None, append: str = "",
+              serve_args: list[str] | None = None) -> GuestRun:
     """Boot a guest on our IOMMU (a `vfiouser-iommu serve` child) with its endpoints.
 
     `workdir` keeps the sockets, the scratch disk, the DTB and the server log; a
     temporary folder is used (and removed) when it is None. With `reboot`, a guest
     reboot resets the machine (our functions get DEVICE_RESET) instead of ending it.
+    `serve_args` go to `serve` (e.g. `--trace FILE`). The server's control socket is
+    `workdir/sockets/control.sock`.
     """
     from vfiouser_iommu.lab.stack import OurStack
 
@@ -215,7 +232,7 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         stack = OurStack(lab, work, topology, memory=memory, verbose=verbose,
-                         disk_size=disk_size)
+                         disk_size=disk_size, serve_args=serve_args)
         machine = machine_args(lab, memory=memory, reboot=reboot)
         dtb = stack.write_dtb(machine)
         initrd = guest_initramfs(lab, script, files=files).write(work / "initrd.gz")

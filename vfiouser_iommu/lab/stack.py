@@ -35,14 +35,15 @@ class StackError(Exception):
 
 
 def start_server_process(socket_dir: Path, specs: list[str], *, iommu: str | None = None,
-                         verbose: int = 0, stderr=None, timeout: float = 30.0
-                         ) -> subprocess.Popen:
+                         verbose: int = 0, stderr=None, timeout: float = 30.0,
+                         serve_args: list[str] | None = None) -> subprocess.Popen:
     """Run `vfiouser-iommu serve` for the endpoint `specs` (and the IOMMU at `iommu`,
     `SS.F[,options]`) in a child process of its own session; return it once every
     socket listens. Stop it with SIGTERM (it then exits 0 and removes its sockets).
-    Raises StackError if it exits or stays silent instead."""
+    Raises StackError if it exits or stays silent instead. `serve_args` are more
+    options for `serve` (e.g. `--trace FILE`)."""
     argv = [sys.executable, "-m", "vfiouser_iommu", *(["-v"] * verbose), "serve",
-            "--socket-dir", str(socket_dir)]
+            "--socket-dir", str(socket_dir), *(serve_args or [])]
     if iommu is not None:
         argv += ["--iommu", iommu]
     for spec in specs:
@@ -112,8 +113,10 @@ class OurStack:
     """Start with `with OurStack(lab, workdir) as stack:`; `stack.qemu_args()` attaches it."""
 
     def __init__(self, lab: Lab, workdir: Path, topology: Topology | None = None,
-                 memory: str = "1G", verbose: int = 1, disk_size: int = 64 << 20):
+                 memory: str = "1G", verbose: int = 1, disk_size: int = 64 << 20,
+                 serve_args: list[str] | None = None):
         self.lab = lab
+        self.serve_args = list(serve_args or [])
         self.workdir = Path(workdir)
         self.topology = topology or Topology()
         self.memory = memory
@@ -136,7 +139,7 @@ class OurStack:
                 self.proc = start_server_process(
                     self.socket_dir, self.topology.endpoint_specs(self.disk),
                     iommu=self.topology.iommu_spec(), verbose=self.verbose, stderr=log,
-                    timeout=timeout)
+                    timeout=timeout, serve_args=self.serve_args)
             except StackError as e:
                 raise StackError(f"{e}\n{self.server_log()[-800:]}") from None
         return self
@@ -161,6 +164,11 @@ class OurStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    @property
+    def control_path(self) -> Path:
+        """The server's control socket (`vfiouser-iommu inspect` it)."""
+        return self.socket_dir / "control.sock"
 
     def server_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

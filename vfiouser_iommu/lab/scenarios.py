@@ -643,3 +643,78 @@ def run_retarget_scenario(qt: QTestLike, iommu_base: int, testdev_bar: int,
     return RetargetResult(page_a, page_b, first, without_inval, after_inval, cqcsr,
                           int.from_bytes(qt.memread(marker, 4), "little"), driver.faults(),
                           tables)
+
+
+# -- a device context changed under the IOMMU's cache (the invalidation checker's cases) --
+OPCODE_IODIR, FUNC3_INVAL_DDT = 3, 0
+CMD_DV = 1 << 33
+
+
+def iodir_inval_ddt(device_id: int | None = None) -> tuple[int, int]:
+    """IODIR.INVAL_DDT: one device's context (DV=1, DID in 63:40), or all (DV=0)."""
+    dw0 = OPCODE_IODIR | FUNC3_INVAL_DDT << 7
+    if device_id is not None:
+        dw0 |= CMD_DV | device_id << 40
+    return dw0, 0
+
+
+@dataclass
+class ContextChangeResult:
+    """DMA; change the device context in place; DMA without, then with, IODIR.INVAL_DDT
+    (+ IOTINVAL.VMA + IOFENCE.C). `first` is None when the first DMA was meant to fault."""
+
+    page_a: int
+    page_b: int
+    first: Landing
+    without_inval: Landing
+    after_inval: Landing
+    cqcsr: int
+    faults: list[FaultRecord]
+    tables: Tables
+
+
+def run_context_change_scenario(qt: QTestLike, iommu_base: int, testdev_bar: int,
+                                requester_id: int, *, made_valid: bool = False,
+                                iova: int = SCENARIO_IOVA, length: int = 4,
+                                memory: ScenarioMemory = ScenarioMemory()
+                                ) -> ContextChangeResult:
+    """Two cases of a device context changed while the IOMMU may have it cached.
+
+    `made_valid=False`: the first-stage root of a valid context moves from a table that
+    maps `iova` to page A to one that maps it to page B (a driver switching the device
+    to another domain). `made_valid=True`: the context starts with V=0 (the first DMA
+    faults, cause 258) and is then made valid, mapping `iova` to page B. The spec
+    (§4.1, IODIR) requires IODIR.INVAL_DDT after a valid context changes; after V=0→1
+    it does not (V=0 contexts may not be cached), but an IOMMU that caches them (our
+    negative=on) needs it. In both cases the driver then sends IODIR.INVAL_DDT for the
+    device, IOTINVAL.VMA (all host address spaces) and IOFENCE.C.
+    """
+    driver = Driver(qt, iommu_base, memory).start(Stages.FIRST_STAGE)
+    tables = build_translation(qt, driver.pages, requester_id, Stages.FIRST_STAGE, iova,
+                               driver.extended_dc, memory)
+    page_a, page_b = tables.data_page, driver.pages.take()
+    other = PageTable(qt, driver.pages, 9)
+    other.map_page(iova, page_b, leaf_flags(True))
+    new_dc = list(tables.dc)
+    new_dc[3] = atp(ATP_MODE_SV39, other.root)
+    if made_valid:
+        tables.dc[0] &= ~TC_V
+        qt.writeq(tables.dc_address, tables.dc[0])
+    enable_ddt(qt, iommu_base, tables.ddt_root, 1)
+    offset = iova & (PAGE_SIZE - 1)
+
+    def dma(check_page: int) -> Landing:
+        qt.memset(page_a + offset, length, 0)
+        qt.memset(page_b + offset, length, 0)
+        code = testdev_dma(qt, testdev_bar, iova, check_page + offset, length)
+        return Landing(code, qt.memread(page_a + offset, length),
+                       qt.memread(page_b + offset, length))
+
+    first = dma(page_a)
+    write_device_context(qt, tables.dc_address, new_dc)
+    without_inval = dma(page_b)
+    cqcsr = driver.submit(iodir_inval_ddt(requester_id), iotinval_vma(), iofence_c())
+    after_inval = dma(page_b)
+    tables.dc = new_dc
+    return ContextChangeResult(page_a, page_b, first, without_inval, after_inval, cqcsr,
+                               driver.faults(), tables)

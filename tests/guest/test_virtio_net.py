@@ -11,6 +11,7 @@ the module (and removed at the next run if a crash left it).
   none lost; TCP both ways with matching MD5s while virtio-blk works; the IOMMU's own
   event counts grow with the traffic; the log shows the driver attaching the endpoint
   (IODIR.INVAL_DDT for its device ID) and the endpoint's traffic through its DMA view.
+- One boot with `offload=off`: the same traffic, intact, in wire-sized frames.
 - One boot with the endpoint outside the DTB's iommu-map: its device context never
   becomes valid, its first DMA faults, the server logs the fault and stops the device,
   the guest's driver prints the fault record and its pings fail: no hang.
@@ -232,3 +233,27 @@ def test_a_namespace_left_by_a_killed_run_is_removed_by_the_next(tmp_path):
     assert name in our_namespaces()
     assert name in remove_leftovers()
     assert name not in our_namespaces()
+
+
+def test_without_offloads_linux_uses_one_small_buffer_per_frame(lab, tap_network, tmp_path):
+    """offload=off: no CSUM/TSO/MRG_RXBUF offered; the same traffic crosses intact in
+    wire-sized frames (Linux's "small buffers" receive path)."""
+    size = 2 << 20
+    sink = TcpPeer(tap_network, 5001, "sink", size)
+    source = TcpPeer(tap_network, 5002, "source", size)
+    topology = Topology.parse("01.0", [tap_network.endpoint_spec("02.0", offload="off"),
+                                       "virtio-blk@03.0"])
+    script = "PINGS=100\nMIB=2\n" + default_script("virtio_net.sh")
+    run = boot_ours(lab, script, timeout=300, echo=None, topology=topology, workdir=tmp_path)
+    sink.join(10)
+    source.join(10)
+    assert run.verdict.passed, explain(run)
+    features = result(run, "net-features").detail
+    assert [features[b] for b in (0, 1, 7, 11, 15)] == ["0"] * 5, features
+    assert result(run, "tcp-to-host").detail.endswith(sink.md5) and sink.nbytes == size
+    assert result(run, "tcp-from-host").detail == f"{size} bytes md5 {source.md5}"
+    m = re.search(r"virtio-net\[.*\]: reset; since the last one: (.*)", run.server_log)
+    stats = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    assert set(stats) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes"}, stats
+    assert stats["tx_bytes"] / stats["tx_packets"] <= 1514
+    assert stats["rx_bytes"] / stats["rx_packets"] <= 1514

@@ -36,7 +36,8 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml | deps
+$(VENV)/.installed: setup.py pyproject.toml c_ext/fastpath.c c_ext/fastpath.h \
+                    c_ext/build_fastpath.py | deps
 	@echo "== setting up $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -21,6 +21,10 @@ same page tables concurrently: the IOMMU's A/D updates must not overwrite a PTE 
 software changed between our read and our write. Without libatomic it degrades to a
 read-compare-write, atomic only with respect to this process (logged once).
 
+`GuestMemory` tells its listeners (`add_listener`) whenever its regions or poisoned
+ranges change: the C translation fast path keeps a copy of the region table and must
+drop its pointers into a region before the region's mmap is closed.
+
 `DmaView` is what a device model gets for its DMA: identity here; the IOMMU provides a
 translating subclass (`RiscvIommu.dma_view`). Endpoints never know which one they have.
 Every DMA access says what it is (read, write) so the translating view can check
@@ -35,7 +39,7 @@ import ctypes.util
 import logging
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -131,6 +135,18 @@ class GuestMemory:
         # Poisoned [start, end) ranges, sorted and disjoint; empty (falsy) almost always,
         # so the read paths pay one truth test.
         self._poison: list[tuple[int, int]] = []
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change of the regions or of the poison."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -153,6 +169,7 @@ class GuestMemory:
         i = bisect.bisect_left(self._starts, gpa)
         self._starts.insert(i, gpa)
         self._regions.insert(i, region)
+        self._changed()
         return region
 
     def remove_region(self, gpa: int, size: int) -> Region:
@@ -160,7 +177,9 @@ class GuestMemory:
         i = bisect.bisect_left(self._starts, gpa)
         if i < len(self._regions) and self._regions[i].gpa == gpa and self._regions[i].size == size:
             del self._starts[i]
-            return self._regions.pop(i)
+            region = self._regions.pop(i)
+            self._changed()
+            return region
         raise KeyError(f"no region {gpa:#x}+{size:#x}")
 
     def overlapping(self, gpa: int, size: int) -> list[Region]:
@@ -182,6 +201,7 @@ class GuestMemory:
 
     def clear(self) -> list[Region]:
         gone, self._regions, self._starts = self._regions, [], []
+        self._changed()
         return gone
 
     # -- poison ----------------------------------------------------------------------
@@ -198,6 +218,7 @@ class GuestMemory:
                 start, end = min(s, start), max(e, end)
         kept.append((start, end))
         self._poison = sorted(kept)
+        self._changed()
 
     def unpoison(self, gpa: int, length: int) -> None:
         """Remove the poison from [gpa, gpa+length) (what is outside stays poisoned)."""
@@ -209,6 +230,7 @@ class GuestMemory:
             if e > end:
                 kept.append((max(s, end), e))
         self._poison = kept
+        self._changed()
 
     def poisoned(self, gpa: int, length: int = 1) -> bool:
         """Whether any byte of [gpa, gpa+length) is poisoned."""
@@ -441,7 +463,11 @@ class DmaView:
         """`read` for a request that carries `attrs`."""
         if length == 0:
             return b""
-        pieces = self.pieces(addr, length, False, attrs)
+        return self.read_pieces(addr, length, self.pieces(addr, length, False, attrs))
+
+    def read_pieces(self, addr: int, length: int,
+                    pieces: Sequence[tuple[int, int, SpecialPiece | None]]) -> bytes:
+        """The bytes of the translated `pieces` of the read of [addr, addr+length)."""
         memory = self.memory
         try:
             return b"".join(memory.read(gpa, n) if special is None else special.read(n)
@@ -454,7 +480,12 @@ class DmaView:
         length = len(data)
         if length == 0:
             return
-        pieces = self.pieces(addr, length, True, attrs)
+        self.write_pieces(addr, data, self.pieces(addr, length, True, attrs))
+
+    def write_pieces(self, addr: int, data: bytes | bytearray | memoryview,
+                     pieces: Sequence[tuple[int, int, SpecialPiece | None]]) -> None:
+        """Write `data` to the translated `pieces` of [addr, addr+len(data))."""
+        length = len(data)
         view = memoryview(data).cast("B")
         done = 0
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
-from vfiouser_iommu.iommu import ats, msi
+from vfiouser_iommu.iommu import ats, fastpath, msi
 from vfiouser_iommu.iommu.caches import TlbEntry, TranslationCaches
 from vfiouser_iommu.iommu.config import IommuConfig
 from vfiouser_iommu.iommu.directory import (
@@ -124,6 +124,9 @@ class RiscvIommu:
         self.recorder = None
         # ---- part 2 (programming interface) hooks in below this line ----
         self.regs = RegisterFile(self)
+        # The C fast path (iommu/fastpath.py) takes over the hot paths when it is built
+        # and enabled; this object then stays the reference for everything else.
+        fastpath.attach(self)
 
     # -- programming interface (part 2: registers.py) -------------------------------------
     def mmio_read(self, offset: int, size: int) -> int:

@@ -63,8 +63,16 @@ class IommuDmaView(DmaView):
         else:
             stats.reads += 1
             stats.bytes_read += length
-        pieces = []
+        pieces = self.more_pieces(addr, length, write, attrs, addr, [])
+        stats.translations += len(pieces)
+        return pieces
+
+    def more_pieces(self, addr: int, length: int, write: bool, attrs: DmaAttrs, start: int,
+                    pieces: list) -> list[tuple[int, int, SpecialPiece | None]]:
+        """`pieces` of [addr, addr+length) continued from `start` (where the C fast path
+        stopped, having translated `pieces` so far)."""
         end = addr + length
+        addr = start
         while addr < end:
             request = self._request(addr, write, attrs)
             result = self.iommu.translate(request)

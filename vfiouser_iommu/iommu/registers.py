@@ -116,6 +116,9 @@ class RegisterFile:
                 if event in hpm.counters_by_event:
                     hpm.count(event, device_id, process_id, gscid, pscid)
 
+            # What this hook chains to: the C fast path counts events itself while no
+            # HPM counter watches them (iommu/fastpath.py).
+            count_event.hpm_chain = (previous_count, hpm)
             iommu.count_event = count_event
 
     def _add(self, name: str, offset: int, size: int, read: Callable[[], int],

@@ -1,0 +1,774 @@
+"""The C translation fast path (c_ext/, built by cffi) and how it stays an exact twin of
+the Python reference (spec v1.0.1 §3.3; design and rules in docs/fastpath.md).
+
+`attach(iommu)` runs at the end of `RiscvIommu.__init__`. When the extension is built
+and enabled it turns the instance into a subclass (`FastIommu`) whose `translate` (for
+Untranslated requests) and `dma_view` (every endpoint DMA) run in C, and falls back to
+the inherited Python code for everything C does not decide: C answers "fall back"
+before any side effect, so Python then runs the request from the very same state.
+
+Where the cache state lives: **Python's caches stay authoritative and complete**; C
+holds a mirror of `caches.ddt`, `caches.pdt`, `caches.iotlb` and `caches.gtlb` (keys,
+values, LRU order, the IOTLB page-size order). Two directions keep them equal:
+
+* Python → C, eagerly: the mirrored dictionaries (`_MirrorOps`) repeat every
+  `__setitem__`, `__delitem__`, `pop`, `popitem`, `move_to_end` and `clear` in C, after
+  flushing what C did before. Anything else (an unknown method, a replaced object, a
+  value of an unknown type) marks the mirror stale; the next fast call rebuilds it.
+* C → Python, lazily: a C hit only touches the C LRU list and bumps counters. Those
+  changes (statistics, HPM event counts, touched entries in LRU order, C's inserts and
+  evictions) are replayed into the Python objects by `FastPath.flush`, which runs
+  whenever anyone reads `iommu.caches` or `iommu.counters` and before any Python-side
+  cache change. Readers therefore always see exactly what pure Python would show.
+
+The fast path steps aside (plain Python for every request) while
+`iommu.needs_reference_path` is True, while an HPM counter watches an event C would
+count, while any guest memory is poisoned, and while the mirror cannot be built.
+
+`VFIOUSER_IOMMU_PURE=1` in the environment, or `set_enabled(False)` (tests:
+`implementation("python")`), makes IOMMUs created afterwards pure Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from vfiouser_iommu.iommu.caches import TlbEntry, TranslationCaches
+from vfiouser_iommu.iommu.directory import DeviceContext, ProcessContext
+from vfiouser_iommu.iommu.dma import IommuDmaView
+from vfiouser_iommu.iommu.request import Access, HpmEvent, RequestKind, Translation
+from vfiouser_iommu.memory import DmaAttrs
+
+log = logging.getLogger(__name__)
+
+#: must equal FP_ABI of c_ext/fastpath.h: an extension built from older sources is unused
+ABI = 1
+
+try:
+    from vfiouser_iommu._fastpath import ffi, lib
+except ImportError as e:  # not built (no compiler) or not installed through setup.py
+    ffi = lib = None
+    _why_missing = f"the extension is not built ({e})"
+else:
+    if lib.fp_abi() != ABI:
+        _why_missing = f"the extension is stale (ABI {lib.fp_abi()}, need {ABI}): reinstall"
+        ffi = lib = None
+    else:
+        _why_missing = ""
+
+_enabled = os.environ.get("VFIOUSER_IOMMU_PURE", "") in ("", "0")
+_warned = False
+
+NONE = (1 << 64) - 1
+#: HPM events C counts (the others are only ever counted by the Python path)
+FAST_EVENTS = frozenset({HpmEvent.UNTRANSLATED_REQ, HpmEvent.IOTLB_MISS,
+                         HpmEvent.S_STAGE_WALK, HpmEvent.G_STAGE_WALK})
+_ACCESS = {Access.READ: 0, Access.WRITE: 1, Access.EXECUTE: 2}
+_UNTRANSLATED = RequestKind.UNTRANSLATED
+#: (stats counter, kind) of each pending statistic, in fastpath.h order
+_STATS = (("hits", "ddt"), ("hits", "pdt"), ("hits", "iotlb"), ("hits", "gtlb"),
+          ("misses", "iotlb"), ("misses", "gtlb"), ("walks", "first_stage"),
+          ("walks", "g_stage"))
+_NSTAT, _NEVENT, _RECORD = 8, 9, 32
+_DDT, _PDT, _IOTLB, _GTLB = range(4)
+_CACHE_NAMES = ((_DDT, "ddt"), (_PDT, "pdt"), (_IOTLB, "iotlb"), (_GTLB, "gtlb"))
+_DMA_DONE = 0
+
+
+def available() -> bool:
+    """Whether the C extension is built and current."""
+    return lib is not None
+
+
+def enabled() -> bool:
+    """Whether IOMMUs created now get the fast path."""
+    return _enabled and lib is not None
+
+
+def set_enabled(on: bool) -> None:
+    """Programmatic `VFIOUSER_IOMMU_PURE`: affects IOMMUs created afterwards."""
+    global _enabled
+    _enabled = on
+
+
+@contextmanager
+def implementation(name: str) -> Iterator[None]:
+    """Create IOMMUs with the "c" fast path or in pure "python" inside the block."""
+    if name not in ("c", "python"):
+        raise ValueError(f"no translation implementation {name!r}")
+    if name == "c" and lib is None:
+        raise RuntimeError(f"the C fast path is unavailable: {_why_missing}")
+    global _enabled
+    old, _enabled = _enabled, name == "c"
+    try:
+        yield
+    finally:
+        _enabled = old
+
+
+def attach(iommu) -> None:
+    """Give `iommu` (a plain RiscvIommu) the fast path, if it is built and enabled."""
+    global _warned
+    if not _enabled:
+        return
+    if lib is None:
+        if not _warned:
+            _warned = True
+            log.warning("C translation fast path unavailable, translating in pure Python: %s",
+                        _why_missing)
+        return
+    FastPath(iommu)
+
+
+def _fast_class(base: type) -> type:
+    cls = _FAST_CLASSES.get(base)
+    if cls is None:
+        cls = type("Fast" + base.__name__, (FastIommu, base), {"_reference": base})
+        _FAST_CLASSES[base] = cls
+    return cls
+
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+# -- conversions between Python cache entries and C words --------------------------------
+def _opt(value: int | None) -> int:
+    return NONE if value is None else value
+
+
+def _unopt(word: int) -> int | None:
+    return None if word == NONE else word
+
+
+def _ddt_key(key) -> tuple:
+    return (key, 0, 0, 0)
+
+
+def _pdt_key(key) -> tuple:
+    return (key[0], key[1], 0, 0)
+
+
+def _iotlb_key(key) -> tuple:
+    (gscid, pscid), shift, vpn = key
+    return (_opt(gscid), _opt(pscid), shift, vpn)
+
+
+def _gtlb_key(key) -> tuple:
+    (gscid,), shift, vpn = key
+    return (gscid, 0, shift, vpn)
+
+
+def _dc_words(dc) -> tuple:
+    if type(dc) is not DeviceContext:
+        raise TypeError("not a DeviceContext")
+    return (dc.tc, dc.iohgatp, dc.ta, dc.fsc, dc.msiptp, dc.msi_addr_mask,
+            dc.msi_addr_pattern, dc.reserved, 0, 0)
+
+
+def _pc_words(pc) -> tuple:
+    if type(pc) is not ProcessContext:
+        raise TypeError("not a ProcessContext")
+    return (pc.ta, pc.fsc, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def _tlb_words(e) -> tuple:
+    if type(e) is not TlbEntry:
+        raise TypeError("not a TlbEntry")
+    return (_opt(e.gscid), _opt(e.pscid), e.va_base, e.size, e.out_base, _opt(e.fs_flags),
+            _opt(e.gs_flags), e.pbmt, 0 if e.gpa_base is None else e.gpa_base,
+            int(e.gpa_base is not None))
+
+
+_TO_C = {_DDT: (_ddt_key, _dc_words), _PDT: (_pdt_key, _pc_words),
+         _IOTLB: (_iotlb_key, _tlb_words), _GTLB: (_gtlb_key, _tlb_words)}
+
+
+def _py_key(k: int, w: list[int]):
+    if k == _DDT:
+        return w[0]
+    if k == _PDT:
+        return (w[0], w[1])
+    if k == _IOTLB:
+        return ((_unopt(w[0]), _unopt(w[1])), w[2], w[3])
+    return ((w[0],), w[2], w[3])
+
+
+def _tlb_entry(rec: list[int]) -> TlbEntry:
+    v = rec[5:15]
+    ngl = rec[15]
+    leaves = tuple((rec[16 + 2 * j], rec[17 + 2 * j]) for j in range(ngl))
+    return TlbEntry(_unopt(v[0]), _unopt(v[1]), v[2], v[3], v[4], _unopt(v[5]), _unopt(v[6]),
+                    v[7], v[8] if v[9] else None, leaves)
+
+
+_new = object.__new__
+
+
+def _translation(address: int, size: int, perms: int, pbmt: int, gpa: int | None):
+    """Translation(...) without the frozen dataclass's per-field __setattr__ (3x faster)."""
+    t = _new(Translation)
+    t.__dict__.update(address=address, page_size=size, r=bool(perms & 1), w=bool(perms & 2),
+                      x=bool(perms & 4), u=False, g=bool(perms & 16), pbmt=pbmt, gpa=gpa,
+                      msi=False, mrif=None)
+    return t
+
+
+# -- the mirrored Python caches ---------------------------------------------------------
+class _MirrorOps:
+    """OrderedDict mutations repeated in the C mirror (`_fp`, cache `_k`).
+
+    Each first lets C's own pending changes reach Python (so both sides apply the
+    operation to the same state), then changes the Python dict, then C. `pop` and
+    `popitem` are written in terms of `__delitem__` because OrderedDict's own versions
+    call `__delitem__` on subclasses anyway.
+    """
+
+    def __setitem__(self, key, value):
+        fp = self._fp
+        fp.before_change()
+        OrderedDict.__setitem__(self, key, value)
+        fp.mirror(self._k, lib.fp_cache_set, key, value)
+
+    def __delitem__(self, key):
+        fp = self._fp
+        fp.before_change()
+        OrderedDict.__delitem__(self, key)
+        fp.mirror(self._k, lib.fp_cache_del, key)
+
+    def pop(self, key, *default):
+        self._fp.before_change()
+        if OrderedDict.__contains__(self, key):
+            value = OrderedDict.__getitem__(self, key)
+            self.__delitem__(key)
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def popitem(self, last: bool = True):
+        self._fp.before_change()
+        if not len(self):
+            raise KeyError("dictionary is empty")
+        key = next(reversed(self)) if last else next(iter(self))
+        value = OrderedDict.__getitem__(self, key)
+        self.__delitem__(key)
+        return key, value
+
+    def move_to_end(self, key, last: bool = True):
+        fp = self._fp
+        fp.before_change()
+        OrderedDict.move_to_end(self, key, last)
+        fp.mirror(self._k, lib.fp_cache_move, key, int(last))
+
+    def clear(self):
+        fp = self._fp
+        fp.before_change()
+        OrderedDict.clear(self)
+        if not fp.stale and lib.fp_cache_clear(fp.c, self._k) != 0:
+            fp.mark_stale()
+
+    def setdefault(self, key, default=None):
+        self._fp.before_change()
+        self._fp.mark_stale()
+        return OrderedDict.setdefault(self, key, default)
+
+    def update(self, *args, **kwargs):
+        self._fp.before_change()
+        self._fp.mark_stale()
+        OrderedDict.update(self, *args, **kwargs)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
+class _MirroredDict(_MirrorOps, OrderedDict):
+    """`Tlb.entries` once the fast path mirrors it."""
+
+
+class _AttributeHook:
+    """Reassigning a cache's parts (or its `limit`) re-synchronises the mirror."""
+
+    def __setattr__(self, name, value):
+        fp = self.__dict__.get("_fp")
+        if fp is not None:
+            fp.before_change()
+        super().__setattr__(name, value)
+        if fp is not None and name in self._watched:
+            fp.mark_stale()
+
+
+def _hooked(obj, mixin: type, **attrs) -> None:
+    """Make `obj` an instance of a subclass of its class with `mixin` first."""
+    base = type(obj)
+    if not issubclass(base, mixin):
+        key = (base, mixin)
+        cls = _HOOKED.get(key)
+        if cls is None:
+            cls = type(base.__name__, (mixin, base), {})
+            _HOOKED[key] = cls
+        obj.__class__ = cls
+    obj.__dict__.update(attrs)
+
+
+_HOOKED: dict[tuple[type, type], type] = {}
+
+
+class _LruHook(_AttributeHook, _MirrorOps):
+    _watched = frozenset({"limit"})
+
+
+class _TlbHook(_AttributeHook):
+    _watched = frozenset({"limit", "entries", "shifts"})
+
+
+class _CachesHook(_AttributeHook):
+    _watched = frozenset({"ddt", "pdt", "iotlb", "gtlb", "stats"})
+
+
+# -- the fast path of one IOMMU ---------------------------------------------------------
+class FastPath:
+    """The C state of one RiscvIommu and the bookkeeping that keeps it exact."""
+
+    def __init__(self, iommu):
+        self.iommu = iommu
+        self.c = ffi.gc(lib.fp_new(), lib.fp_free)
+        self.out = ffi.new("uint64_t[6]")
+        self._stats = ffi.new("uint64_t[]", _NSTAT + _NEVENT)
+        self._key = ffi.new("uint64_t[4]")
+        self._value = ffi.new("uint64_t[10]")
+        self.ok = False             # C may run now
+        self.stale = True           # the mirror must be rebuilt from Python
+        self.resync_wanted = True   # something changed since the last failed rebuild
+        self.poisoned = False
+        cfg = iommu.config
+        lib.fp_configure(self.c, cfg.pas, int(cfg.svpbmt), int(cfg.msi_flat))
+        d = iommu.__dict__
+        d["count_event"] = iommu.count_event
+        d["_fast"] = self
+        self._reference = type(iommu)
+        iommu.__class__ = _fast_class(type(iommu))
+        self.push_regs()
+        iommu.memory.add_listener(self.memory_changed)
+        self.memory_changed()
+        hpm = getattr(getattr(iommu, "regs", None), "hpm", None)
+        if hpm is not None:
+            self._watch_hpm(hpm)
+        self.refresh()
+
+    # -- state the C side copies ---------------------------------------------------------
+    def push_regs(self) -> None:
+        d = self.iommu.__dict__
+        lib.fp_set_regs(self.c, d["ddtp"] & NONE, d["fctl"] & NONE)
+
+    def memory_changed(self) -> None:
+        """Rebuild C's region table (before a removed region's mmap can be closed).
+
+        C keeps raw addresses, not buffer exports: each `Region.buffer` pins its memory
+        for as long as the region is mapped, and GuestMemory calls this before it hands
+        a removed region back to be released.
+        """
+        memory = self.iommu.memory
+        regions = memory.regions
+        n = len(regions)
+        gpa = ffi.new("uint64_t[]", [r.gpa for r in regions] or [0])
+        size = ffi.new("uint64_t[]", [r.size for r in regions] or [0])
+        host = ffi.new("char *[]", n or 1)
+        for j, region in enumerate(regions):
+            exported = ffi.from_buffer(region.buffer)
+            host[j] = ffi.cast("char *", ffi.cast("uintptr_t", exported))
+            ffi.release(exported)
+        writable = ffi.new("int[]", [int(r.writable) for r in regions] or [0])
+        lib.fp_set_regions(self.c, n, gpa, size, host, writable)
+        poisoned = bool(memory.poisoned_ranges)
+        if poisoned != self.poisoned:
+            self.poisoned = poisoned
+            self.refresh()
+
+    def _watch_hpm(self, hpm) -> None:
+        for name in ("_reindex", "reset"):
+            method = getattr(hpm, name)
+
+            def wrapped(*args, _method=method, **kwargs):
+                result = _method(*args, **kwargs)
+                self.refresh()
+                return result
+
+            setattr(hpm, name, wrapped)
+
+    def _plain_counting(self) -> bool:
+        """Whether C may count events by adding to `iommu.counters` (no HPM counter
+        watches them, and no other hook listens)."""
+        fn = self.iommu.__dict__["count_event"]
+        chain = getattr(fn, "hpm_chain", None)
+        if chain is not None:
+            fn, hpm = chain
+            if FAST_EVENTS & hpm.counters_by_event.keys():
+                return False
+        return getattr(fn, "__func__", None) is self._reference.count_event and \
+            getattr(fn, "__self__", None) is self.iommu
+
+    def refresh(self) -> None:
+        """Recompute whether C may run."""
+        self.ok = not self.stale and not self.poisoned and self._plain_counting()
+
+    def revive(self) -> bool:
+        """Called when `ok` is False: rebuild a stale mirror if anything changed."""
+        if self.stale and self.resync_wanted:
+            self.resync()
+        return self.ok
+
+    # -- the mirror ------------------------------------------------------------------------
+    def mark_stale(self) -> None:
+        self.stale = True
+        self.resync_wanted = True
+        self.ok = False
+
+    def before_change(self) -> None:
+        if lib.fp_pending(self.c):
+            self.flush()
+
+    def mirror(self, k: int, op, key, *args) -> None:
+        """Repeat one Python-side dict operation in C (or give up on the mirror)."""
+        if self.stale:
+            self.resync_wanted = True
+            return
+        to_key, to_value = _TO_C[k]
+        try:
+            self._key[0:4] = to_key(key)
+            if op is lib.fp_cache_set:
+                self._value[0:10] = to_value(args[0])
+                rc = op(self.c, k, self._key, self._value)
+            else:
+                rc = op(self.c, k, self._key, *args)
+        except (TypeError, ValueError, OverflowError):
+            rc = -3
+        if rc != 0:
+            self.mark_stale()
+
+    def _caches(self) -> TranslationCaches:
+        return self.iommu.__dict__["caches"]
+
+    def adopt(self, caches: TranslationCaches) -> None:
+        """Hook `caches` and its four mirrored parts."""
+        _hooked(caches, _CachesHook, _fp=self)
+        for k, name in _CACHE_NAMES:
+            part = getattr(caches, name)
+            if k in (_DDT, _PDT):
+                _hooked(part, _LruHook, _fp=self, _k=k)
+            else:
+                _hooked(part, _TlbHook, _fp=self)
+                if type(part.entries) is not _MirroredDict or part.entries._fp is not self:
+                    entries = _MirroredDict()
+                    entries.__dict__.update(_fp=self, _k=k)
+                    for key, value in part.entries.items():
+                        OrderedDict.__setitem__(entries, key, value)
+                    object.__setattr__(part, "entries", entries)
+
+    def resync(self) -> None:
+        """Rebuild the whole C mirror from the Python caches."""
+        self.resync_wanted = False
+        if lib.fp_pending(self.c):
+            self.flush()
+        caches = self._caches()
+        self.adopt(caches)
+        try:
+            for k, name in _CACHE_NAMES:
+                part = getattr(caches, name)
+                lib.fp_cache_reset(self.c, k, part.limit)
+                items = part.items() if k in (_DDT, _PDT) else part.entries.items()
+                to_key, to_value = _TO_C[k]
+                for key, value in items:
+                    self._key[0:4] = to_key(key)
+                    self._value[0:10] = to_value(value)
+                    if lib.fp_cache_set(self.c, k, self._key, self._value) != 0:
+                        raise ValueError("C mirror refused an entry")
+                if k in (_IOTLB, _GTLB):
+                    shifts = list(part.shifts)
+                    if lib.fp_cache_set_shifts(self.c, k, len(shifts),
+                                               ffi.new("int[]", shifts or [0])) != 0:
+                        raise ValueError("Tlb.shifts does not match its entries")
+        except (TypeError, ValueError, OverflowError, AttributeError) as e:
+            log.debug("fast path off until the caches change: %s", e)
+            self.stale = True
+            self.ok = False
+            return
+        self.stale = False
+        self.refresh()
+
+    def flush(self) -> None:
+        """Replay into the Python objects what C did since the last flush."""
+        c = self.c
+        if not lib.fp_pending(c):
+            return
+        iommu_dict = self.iommu.__dict__
+        caches = iommu_dict["caches"]
+        lib.fp_take_stats(c, self._stats)
+        counts = ffi.unpack(self._stats, _NSTAT + _NEVENT)
+        stats = caches.stats
+        for (counter, kind), n in zip(_STATS, counts, strict=False):
+            if n:
+                getattr(stats, counter)[kind] += n
+        counters = iommu_dict["counters"]
+        for event in FAST_EVENTS:
+            n = counts[_NSTAT + event]
+            if n:
+                counters[event] += n
+        for k, name in _CACHE_NAMES:
+            part = getattr(caches, name)
+            self._replay(k, part if k in (_DDT, _PDT) else part.entries)
+            if k in (_IOTLB, _GTLB):
+                self._replay_shifts(k, part)
+        lib.fp_flushed(c)
+
+    def _replay(self, k: int, d: OrderedDict) -> None:
+        c = self.c
+        n = lib.fp_count_removed(c, k)
+        if n:
+            buf = ffi.new("uint64_t[]", 4 * n)
+            lib.fp_export_removed(c, k, buf)
+            words = ffi.unpack(buf, 4 * n)
+            for j in range(n):
+                key = _py_key(k, words[4 * j:4 * j + 4])
+                if OrderedDict.__contains__(d, key):
+                    OrderedDict.__delitem__(d, key)
+        n = lib.fp_count_touched(c, k)
+        if not n:
+            return
+        buf = ffi.new("uint64_t[]", _RECORD * n)
+        lib.fp_export_touched(c, k, buf)
+        words = ffi.unpack(buf, _RECORD * n)
+        for j in range(n):
+            rec = words[_RECORD * j:_RECORD * (j + 1)]
+            key = _py_key(k, rec)
+            if rec[4]:
+                OrderedDict.__setitem__(d, key, _tlb_entry(rec))
+            if OrderedDict.__contains__(d, key):
+                OrderedDict.move_to_end(d, key)
+
+    def _replay_shifts(self, k: int, tlb) -> None:
+        shift = ffi.new("int[64]")
+        count = ffi.new("int64_t[64]")
+        n = lib.fp_cache_shifts(self.c, k, shift, count, 64)
+        shifts = tlb.shifts
+        shifts.clear()
+        for j in range(n):
+            shifts[shift[j]] = count[j]
+
+    # -- translation -------------------------------------------------------------------
+    def translate(self, request) -> Translation | None:
+        """The C translation of an Untranslated request; None: ask Python."""
+        pid = request.process_id
+        out = self.out
+        try:
+            rc = lib.fp_translate(self.c, request.device_id, -1 if pid is None else pid,
+                                  request.iova, _ACCESS[request.access], request.privileged,
+                                  out)
+        except (OverflowError, TypeError):
+            return None
+        if rc:
+            return None
+        address, size, perms, pbmt, gpa, has_gpa = ffi.unpack(out, 6)
+        return _translation(address, size, perms, pbmt, gpa if has_gpa else None)
+
+
+class FastIommu:
+    """Mixed in before RiscvIommu by `attach`: the C fast path in front of the reference.
+
+    `ddtp`/`fctl` writes reach C at once; reading `caches` or `counters` first replays
+    what C did (so callers always see pure Python's state); replacing `count_event`
+    (an HPM or tracing hook) is noticed.
+    """
+
+    _reference: type
+
+    def translate(self, request):
+        fp = self.__dict__["_fast"]
+        if request.kind is _UNTRANSLATED and (fp.ok or fp.revive()) and \
+                not getattr(self, "needs_reference_path", False):
+            result = fp.translate(request)
+            if result is not None:
+                return result
+        return self._reference.translate(self, request)
+
+    def dma_view(self, device_id: int, process_id: int | None = None,
+                 privileged: bool = False):
+        return FastDmaView(self, device_id, process_id, privileged)
+
+    @property
+    def caches(self):
+        d = self.__dict__
+        fp = d["_fast"]
+        if lib.fp_pending(fp.c):
+            fp.flush()
+        return d["caches"]
+
+    @caches.setter
+    def caches(self, value):
+        d = self.__dict__
+        d["_fast"].before_change()
+        d["caches"] = value
+        d["_fast"].mark_stale()
+
+    @property
+    def counters(self):
+        d = self.__dict__
+        fp = d["_fast"]
+        if lib.fp_pending(fp.c):
+            fp.flush()
+        return d["counters"]
+
+    @counters.setter
+    def counters(self, value):
+        d = self.__dict__
+        d["_fast"].before_change()
+        d["counters"] = value
+
+    @property
+    def count_event(self):
+        return self.__dict__["count_event"]
+
+    @count_event.setter
+    def count_event(self, value):
+        d = self.__dict__
+        d["_fast"].before_change()
+        d["count_event"] = value
+        d["_fast"].refresh()
+
+    @property
+    def ddtp(self):
+        return self.__dict__["ddtp"]
+
+    @ddtp.setter
+    def ddtp(self, value):
+        self.__dict__["ddtp"] = value
+        self.__dict__["_fast"].push_regs()
+
+    @property
+    def fctl(self):
+        return self.__dict__["fctl"]
+
+    @fctl.setter
+    def fctl(self, value):
+        self.__dict__["fctl"] = value
+        self.__dict__["_fast"].push_regs()
+
+
+# -- endpoint DMA -------------------------------------------------------------------------
+class FastDmaView(IommuDmaView):
+    """`IommuDmaView` whose translate-and-copy loop runs in C (`fp_dma`).
+
+    What C leaves undone is finished by the inherited Python code from where C stopped:
+    the pieces C translated are kept (their side effects happened, as they would have in
+    Python), the rest is translated by `more_pieces`, and the copy is the shared
+    `read_pieces`/`write_pieces` loop.
+    """
+
+    def __init__(self, iommu, device_id: int, process_id: int | None = None,
+                 privileged: bool = False):
+        super().__init__(iommu, device_id, process_id, privileged)
+        self._fp = iommu.__dict__["_fast"]
+        self._value = ffi.new("uint64_t[1]")
+        self._stop = ffi.new("uint64_t[2]")
+        self._capacity = 0
+        self._grow(4096)
+
+    def _grow(self, length: int) -> None:
+        capacity = max(length, 2 * self._capacity)
+        self._buf = ffi.new("unsigned char[]", capacity)
+        self._bytes = ffi.buffer(self._buf)
+        self._max_pieces = (capacity >> 12) + 2
+        self._pieces = ffi.new("uint64_t[]", 2 * self._max_pieces)
+        self._capacity = capacity
+
+    def _usable(self) -> bool:
+        fp = self._fp
+        return (fp.ok or fp.revive()) and not getattr(self.iommu, "needs_reference_path",
+                                                      False)
+
+    def _rest(self, addr: int, length: int, write: bool, attrs: DmaAttrs) -> list:
+        """C's pieces, then Python's translations from where C stopped."""
+        start, n = self._stop[0], self._stop[1]
+        words = ffi.unpack(self._pieces, 2 * n)
+        pieces = [(words[2 * j], words[2 * j + 1], None) for j in range(n)]
+        return self.more_pieces(addr, length, write, attrs, start, pieces)
+
+    def _dma(self, addr: int, length: int, access: int, attrs: DmaAttrs, buf) -> int | None:
+        pid = attrs.pasid
+        try:
+            return lib.fp_dma(self._fp.c, self.device_id, -1 if pid is None else pid,
+                              attrs.privileged, access, addr, length, buf, self._pieces,
+                              self._max_pieces, self._stop)
+        except (OverflowError, TypeError):
+            return None
+
+    def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
+        if length <= 0 or not self._usable():
+            return super().read_as(addr, length, attrs)
+        if length > self._capacity:
+            self._grow(length)
+        rc = self._dma(addr, length, 2 if attrs.execute else 0, attrs, self._buf)
+        if rc == _DMA_DONE:
+            return self._bytes[:length]
+        if rc is None:
+            return super().read_as(addr, length, attrs)
+        return self.read_pieces(addr, length, self._rest(addr, length, False, attrs))
+
+    def write_as(self, addr: int, data, attrs: DmaAttrs) -> None:
+        length = len(data)
+        if length == 0 or not self._usable() or \
+                (type(data) is memoryview and (data.itemsize != 1 or not data.c_contiguous)):
+            return super().write_as(addr, data, attrs)
+        if length > self._capacity:
+            self._grow(length)
+        rc = self._dma(addr, length, 1, attrs, ffi.from_buffer(data))
+        if rc == _DMA_DONE:
+            return None
+        if rc is None:
+            return super().write_as(addr, data, attrs)
+        return self.write_pieces(addr, data, self._rest(addr, length, True, attrs))
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.read_as(addr, length, self.attrs)
+
+    def write(self, addr: int, data) -> None:
+        self.write_as(addr, data, self.attrs)
+
+    def read_int(self, addr: int, size: int) -> int:
+        attrs = self.attrs
+        if not 0 < size <= 8 or not self._usable():
+            return super().read_int(addr, size)
+        rc = self._int(addr, size, 2 if attrs.execute else 0, attrs)
+        if rc == _DMA_DONE:
+            return self._value[0]
+        if rc is None:
+            return super().read_int(addr, size)
+        return int.from_bytes(self.read_pieces(addr, size, self._rest(addr, size, False, attrs)),
+                              "little")
+
+    def write_int(self, addr: int, size: int, value: int) -> None:
+        attrs = self.attrs
+        if not 0 < size <= 8 or not self._usable():
+            return super().write_int(addr, size, value)
+        value &= (1 << (8 * size)) - 1
+        self._value[0] = value
+        rc = self._int(addr, size, 1, attrs)
+        if rc == _DMA_DONE:
+            return None
+        if rc is None:
+            return super().write_int(addr, size, value)
+        return self.write_pieces(addr, value.to_bytes(size, "little"),
+                                 self._rest(addr, size, True, attrs))
+
+    def _int(self, addr: int, size: int, access: int, attrs: DmaAttrs) -> int | None:
+        pid = attrs.pasid
+        try:
+            return lib.fp_dma_int(self._fp.c, self.device_id, -1 if pid is None else pid,
+                                  attrs.privileged, access, addr, size, self._value,
+                                  self._pieces, self._max_pieces, self._stop)
+        except (OverflowError, TypeError):
+            return None

@@ -1188,27 +1188,10 @@ int fp_pending(fp_iommu *fp) { return fp->pending; }
 
 int fp_fallback_line(fp_iommu *fp) { return fp->fallback_line; }
 
-void fp_take_stats(fp_iommu *fp, uint64_t *out) {
-    LOCKED(fp);
-    memcpy(out, fp->stats, sizeof(fp->stats));
-    memcpy(out + FP_NSTAT, fp->events, sizeof(fp->events));
-    memset(fp->stats, 0, sizeof(fp->stats));
-    memset(fp->events, 0, sizeof(fp->events));
-    UNLOCK(fp);
-}
-
-int fp_count_removed(fp_iommu *fp, int k) { return fp->c[k].nremoved; }
-
-void fp_export_removed(fp_iommu *fp, int k, uint64_t *keys) {
-    LOCKED(fp);
-    memcpy(keys, fp->c[k].removed, sizeof(uint64_t) * 4 * fp->c[k].nremoved);
-    UNLOCK(fp);
-}
-
 /* the suffix of the LRU list C touched since the last flush (touched nodes are always a
- * suffix: a touch moves a node last, and Python-side moves need a flush first) */
-static int32_t touched_start(const fp_iommu *fp, const cache_t *c, int *count) {
-    int n = 0;
+ * suffix: a touch moves a node last, and Python-side changes need a flush first) */
+static int32_t touched_start(const fp_iommu *fp, const cache_t *c, int64_t *count) {
+    int64_t n = 0;
     int32_t i = c->tail, first = -1;
     while (i >= 0 && c->n[i].seq > fp->flush_seq) {
         first = i;
@@ -1219,45 +1202,66 @@ static int32_t touched_start(const fp_iommu *fp, const cache_t *c, int *count) {
     return first;
 }
 
-int fp_count_touched(fp_iommu *fp, int k) {
-    int n;
-    LOCKED(fp);
-    touched_start(fp, &fp->c[k], &n);
-    UNLOCK(fp);
-    return n;
-}
-
-/* record: key[4], dirty, value[NV], ngl, gl[2 * MAXGL], padding to FP_RECORD */
-void fp_export_touched(fp_iommu *fp, int k, uint64_t *rec) {
-    LOCKED(fp);
-    cache_t *c = &fp->c[k];
-    int n;
-    for (int32_t i = touched_start(fp, c, &n); i >= 0; i = c->n[i].next) {
-        node_t *nd = &c->n[i];
-        memset(rec, 0, sizeof(uint64_t) * FP_RECORD);
-        memcpy(rec, nd->key, 4 * sizeof(uint64_t));
-        rec[4] = nd->dirty;
-        memcpy(rec + 5, nd->v, NV * sizeof(uint64_t));
-        rec[15] = (uint64_t)nd->ngl;
-        memcpy(rec + 16, nd->gl, sizeof(uint64_t) * 2 * nd->ngl);
-        rec += FP_RECORD;
+static int64_t flush_words(const fp_iommu *fp) {
+    int64_t words = FP_NSTAT + FP_NEVENT;
+    for (int k = 0; k < 4; k++) {
+        int64_t n;
+        touched_start(fp, &fp->c[k], &n);
+        words += 3 + 4 * (int64_t)fp->c[k].nremoved + FP_RECORD * n + 2 * fp->c[k].nshift;
     }
-    UNLOCK(fp);
+    return words;
 }
 
-void fp_flushed(fp_iommu *fp) {
+/* Export what C did since the last flush and mark it flushed, atomically:
+ *   stats[FP_NSTAT], events[FP_NEVENT], then per cache: nremoved, keys[4 * nremoved],
+ *   ntouched, records[FP_RECORD * ntouched] (LRU order), nshift, (shift, count) pairs.
+ * A record: key[4], dirty, value[NV], ngl, gl[2 * MAXGL], zero padding.
+ * Returns the words written, or minus the words needed when capacity is too small. */
+int64_t fp_flush(fp_iommu *fp, uint64_t *out, int64_t capacity) {
     LOCKED(fp);
+    int64_t need = flush_words(fp);
+    if (need > capacity) {
+        UNLOCK(fp);
+        return -need;
+    }
+    uint64_t *w = out;
+    memcpy(w, fp->stats, sizeof(fp->stats));
+    w += FP_NSTAT;
+    memcpy(w, fp->events, sizeof(fp->events));
+    w += FP_NEVENT;
+    memset(fp->stats, 0, sizeof(fp->stats));
+    memset(fp->events, 0, sizeof(fp->events));
     for (int k = 0; k < 4; k++) {
         cache_t *c = &fp->c[k];
-        for (int32_t i = c->tail; i >= 0 && c->n[i].seq > fp->flush_seq; i = c->n[i].prev) {
-            c->n[i].py_key = 1;
-            c->n[i].dirty = 0;
-        }
+        *w++ = (uint64_t)c->nremoved;
+        memcpy(w, c->removed, sizeof(uint64_t) * 4 * c->nremoved);
+        w += 4 * c->nremoved;
         c->nremoved = 0;
+        int64_t n;
+        int32_t i = touched_start(fp, c, &n);
+        *w++ = (uint64_t)n;
+        for (; i >= 0; i = c->n[i].next) {
+            node_t *nd = &c->n[i];
+            memset(w, 0, sizeof(uint64_t) * FP_RECORD);
+            memcpy(w, nd->key, 4 * sizeof(uint64_t));
+            w[4] = nd->dirty;
+            memcpy(w + 5, nd->v, NV * sizeof(uint64_t));
+            w[15] = (uint64_t)nd->ngl;
+            memcpy(w + 16, nd->gl, sizeof(uint64_t) * 2 * nd->ngl);
+            w += FP_RECORD;
+            nd->py_key = 1;
+            nd->dirty = 0;
+        }
+        *w++ = (uint64_t)c->nshift;
+        for (int j = 0; j < c->nshift; j++) {
+            *w++ = (uint64_t)c->shift[j];
+            *w++ = (uint64_t)c->scount[j];
+        }
     }
     fp->flush_seq = fp->seq;
     fp->pending = 0;
     UNLOCK(fp);
+    return w - out;
 }
 
 int fp_translate(fp_iommu *fp, uint64_t did, int64_t pid, uint64_t iova, int access,

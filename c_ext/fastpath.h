@@ -40,14 +40,14 @@
 #define FP_DMA_TRANSLATE_PY 1  /* pieces[0..n) translated; translate the rest in Python */
 #define FP_DMA_COPY_PY 2       /* all pieces translated; copy them in Python */
 
-/* words per record of fp_export_touched */
+/* words per touched-entry record of fp_flush */
 #define FP_RECORD 32
 /* words of a translation result: address, page_size, perms (r|w<<1|x<<2|g<<4), pbmt,
    gpa, has_gpa */
 #define FP_RESULT 6
 
 /* bumped whenever this interface changes: a stale build is then not used */
-#define FP_ABI 1
+#define FP_ABI 2
 
 typedef struct fp_iommu fp_iommu;
 
@@ -71,16 +71,12 @@ int fp_cache_len(fp_iommu *fp, int cache);
 int fp_cache_set_shifts(fp_iommu *fp, int cache, int n, const int *shifts);
 int fp_cache_shifts(fp_iommu *fp, int cache, int *shift, int64_t *count, int max);
 
-/* what the C side did since the last flush */
+/* what the C side did since the last flush, exported and marked flushed atomically;
+   returns the words written, or minus the words needed */
 int fp_pending(fp_iommu *fp);
+int64_t fp_flush(fp_iommu *fp, uint64_t *out, int64_t capacity);
 /* source line of c_ext/fastpath.c where the last fallback was decided */
 int fp_fallback_line(fp_iommu *fp);
-void fp_take_stats(fp_iommu *fp, uint64_t *out);
-int fp_count_removed(fp_iommu *fp, int cache);
-void fp_export_removed(fp_iommu *fp, int cache, uint64_t *keys);
-int fp_count_touched(fp_iommu *fp, int cache);
-void fp_export_touched(fp_iommu *fp, int cache, uint64_t *records);
-void fp_flushed(fp_iommu *fp);
 
 /* translation of one Untranslated request; out has FP_RESULT words */
 int fp_translate(fp_iommu *fp, uint64_t device_id, int64_t process_id, uint64_t iova,

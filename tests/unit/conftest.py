@@ -13,7 +13,7 @@ TRANSLATION_MODULES = frozenset({
     "test_debug", "test_hpm", "test_iommu_caches", "test_iommu_function", "test_iommu_garbage",
     "test_iommu_msi_ats_dma", "test_iommu_msi_superpages", "test_iommu_poison",
     "test_iommu_translate", "test_linux_probe", "test_pq_core", "test_scenarios_commands",
-    "test_scenarios_tables", "test_fastpath",
+    "test_scenarios_tables",
 })
 IMPLEMENTATIONS = ("python", "c")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +47,7 @@ from vfiouser_iommu.memory import DmaAttrs
 log = logging.getLogger(__name__)
 
 #: must equal FP_ABI of c_ext/fastpath.h: an extension built from older sources is unused
-ABI = 1
+ABI = 2
 
 try:
     from vfiouser_iommu._fastpath import ffi, lib
@@ -338,7 +339,9 @@ class FastPath:
         self.iommu = iommu
         self.c = ffi.gc(lib.fp_new(), lib.fp_free)
         self.out = ffi.new("uint64_t[6]")
-        self._stats = ffi.new("uint64_t[]", _NSTAT + _NEVENT)
+        self._owner = threading.get_ident()
+        self._flush_buf = ffi.new("uint64_t[]", 4096)
+        self._flush_lock = threading.Lock()
         self._key = ffi.new("uint64_t[4]")
         self._value = ffi.new("uint64_t[10]")
         self.ok = False             # C may run now
@@ -501,69 +504,79 @@ class FastPath:
         self.refresh()
 
     def flush(self) -> None:
-        """Replay into the Python objects what C did since the last flush."""
-        c = self.c
-        if not lib.fp_pending(c):
+        """Replay into the Python objects what C did since the last flush.
+
+        One C call exports it and marks it flushed atomically (another thread's C calls
+        cannot slip in between); the lock keeps two flushes from interleaving.
+        """
+        if not lib.fp_pending(self.c):
             return
+        with self._flush_lock:
+            words = self._export()
+            if words:
+                self._apply(words)
+
+    def _export(self) -> list[int]:
+        buf = self._flush_buf
+        n = lib.fp_flush(self.c, buf, len(buf))
+        while n < 0:
+            buf = self._flush_buf = ffi.new("uint64_t[]", -n + 1024)
+            n = lib.fp_flush(self.c, buf, len(buf))
+        return ffi.unpack(buf, n)
+
+    def _apply(self, words: list[int]) -> None:
         iommu_dict = self.iommu.__dict__
         caches = iommu_dict["caches"]
-        lib.fp_take_stats(c, self._stats)
-        counts = ffi.unpack(self._stats, _NSTAT + _NEVENT)
         stats = caches.stats
-        for (counter, kind), n in zip(_STATS, counts, strict=False):
+        for (counter, kind), n in zip(_STATS, words, strict=False):
             if n:
                 getattr(stats, counter)[kind] += n
         counters = iommu_dict["counters"]
         for event in FAST_EVENTS:
-            n = counts[_NSTAT + event]
+            n = words[_NSTAT + event]
             if n:
                 counters[event] += n
+        at = _NSTAT + _NEVENT
         for k, name in _CACHE_NAMES:
             part = getattr(caches, name)
-            self._replay(k, part if k in (_DDT, _PDT) else part.entries)
-            if k in (_IOTLB, _GTLB):
-                self._replay_shifts(k, part)
-        lib.fp_flushed(c)
+            tlb = k in (_IOTLB, _GTLB)
+            at = self._replay(k, part.entries if tlb else part, words, at)
+            n = words[at]
+            at += 1
+            if tlb:
+                shifts = part.shifts
+                shifts.clear()
+                for j in range(n):
+                    shifts[words[at + 2 * j]] = words[at + 2 * j + 1]
+            at += 2 * n
 
-    def _replay(self, k: int, d: OrderedDict) -> None:
-        c = self.c
-        n = lib.fp_count_removed(c, k)
-        if n:
-            buf = ffi.new("uint64_t[]", 4 * n)
-            lib.fp_export_removed(c, k, buf)
-            words = ffi.unpack(buf, 4 * n)
-            for j in range(n):
-                key = _py_key(k, words[4 * j:4 * j + 4])
-                if OrderedDict.__contains__(d, key):
-                    OrderedDict.__delitem__(d, key)
-        n = lib.fp_count_touched(c, k)
-        if not n:
-            return
-        buf = ffi.new("uint64_t[]", _RECORD * n)
-        lib.fp_export_touched(c, k, buf)
-        words = ffi.unpack(buf, _RECORD * n)
+    @staticmethod
+    def _replay(k: int, d: OrderedDict, words: list[int], at: int) -> int:
+        """Apply one cache's removed keys and touched suffix; return where the next
+        part of `words` starts. The base-class methods keep this from being mirrored."""
+        n = words[at]
+        at += 1
         for j in range(n):
-            rec = words[_RECORD * j:_RECORD * (j + 1)]
+            key = _py_key(k, words[at + 4 * j:at + 4 * j + 4])
+            if OrderedDict.__contains__(d, key):
+                OrderedDict.__delitem__(d, key)
+        at += 4 * n
+        n = words[at]
+        at += 1
+        for j in range(n):
+            rec = words[at + _RECORD * j:at + _RECORD * (j + 1)]
             key = _py_key(k, rec)
             if rec[4]:
                 OrderedDict.__setitem__(d, key, _tlb_entry(rec))
             if OrderedDict.__contains__(d, key):
                 OrderedDict.move_to_end(d, key)
-
-    def _replay_shifts(self, k: int, tlb) -> None:
-        shift = ffi.new("int[64]")
-        count = ffi.new("int64_t[64]")
-        n = lib.fp_cache_shifts(self.c, k, shift, count, 64)
-        shifts = tlb.shifts
-        shifts.clear()
-        for j in range(n):
-            shifts[shift[j]] = count[j]
+        return at + _RECORD * n
 
     # -- translation -------------------------------------------------------------------
     def translate(self, request) -> Translation | None:
         """The C translation of an Untranslated request; None: ask Python."""
         pid = request.process_id
-        out = self.out
+        out = self.out if threading.get_ident() == self._owner else ffi.new("uint64_t[6]")
         try:
             rc = lib.fp_translate(self.c, request.device_id, -1 if pid is None else pid,
                                   request.iova, _ACCESS[request.access], request.privileged,
@@ -659,78 +672,103 @@ class FastIommu:
 
 
 # -- endpoint DMA -------------------------------------------------------------------------
+class _Scratch:
+    """The buffers one thread hands to C: results, the pieces C translated, data."""
+
+    def __init__(self, capacity: int):
+        self.out = ffi.new("uint64_t[6]")
+        self.value = ffi.new("uint64_t[1]")
+        self.stop = ffi.new("uint64_t[2]")
+        self.capacity = 0
+        self.grow(capacity)
+
+    def grow(self, length: int) -> None:
+        self.capacity = max(length, 2 * self.capacity)
+        self.buf = ffi.new("unsigned char[]", self.capacity)
+        self.bytes = ffi.buffer(self.buf)
+        self.max_pieces = (self.capacity >> 12) + 2
+        self.pieces = ffi.new("uint64_t[]", 2 * self.max_pieces)
+
+
 class FastDmaView(IommuDmaView):
     """`IommuDmaView` whose translate-and-copy loop runs in C (`fp_dma`).
 
     What C leaves undone is finished by the inherited Python code from where C stopped:
     the pieces C translated are kept (their side effects happened, as they would have in
     Python), the rest is translated by `more_pieces`, and the copy is the shared
-    `read_pieces`/`write_pieces` loop.
+    `read_pieces`/`write_pieces` loop. The view's buffers belong to the thread that made
+    it; another thread gets fresh ones per call.
     """
 
     def __init__(self, iommu, device_id: int, process_id: int | None = None,
                  privileged: bool = False):
         super().__init__(iommu, device_id, process_id, privileged)
         self._fp = iommu.__dict__["_fast"]
-        self._value = ffi.new("uint64_t[1]")
-        self._stop = ffi.new("uint64_t[2]")
-        self._capacity = 0
-        self._grow(4096)
+        self._owner = threading.get_ident()
+        self._own = _Scratch(4096)
 
-    def _grow(self, length: int) -> None:
-        capacity = max(length, 2 * self._capacity)
-        self._buf = ffi.new("unsigned char[]", capacity)
-        self._bytes = ffi.buffer(self._buf)
-        self._max_pieces = (capacity >> 12) + 2
-        self._pieces = ffi.new("uint64_t[]", 2 * self._max_pieces)
-        self._capacity = capacity
+    def _scratch(self, length: int) -> _Scratch:
+        s = self._own if threading.get_ident() == self._owner else _Scratch(4096)
+        if length > s.capacity:
+            s.grow(length)
+        return s
 
     def _usable(self) -> bool:
         fp = self._fp
         return (fp.ok or fp.revive()) and not getattr(self.iommu, "needs_reference_path",
                                                       False)
 
-    def _rest(self, addr: int, length: int, write: bool, attrs: DmaAttrs) -> list:
+    def _rest(self, s: _Scratch, addr: int, length: int, write: bool,
+              attrs: DmaAttrs) -> list:
         """C's pieces, then Python's translations from where C stopped."""
-        start, n = self._stop[0], self._stop[1]
-        words = ffi.unpack(self._pieces, 2 * n)
+        start, n = s.stop[0], s.stop[1]
+        words = ffi.unpack(s.pieces, 2 * n)
         pieces = [(words[2 * j], words[2 * j + 1], None) for j in range(n)]
         return self.more_pieces(addr, length, write, attrs, start, pieces)
 
-    def _dma(self, addr: int, length: int, access: int, attrs: DmaAttrs, buf) -> int | None:
+    def _dma(self, s: _Scratch, addr: int, length: int, access: int, attrs: DmaAttrs,
+             buf) -> int | None:
         pid = attrs.pasid
         try:
             return lib.fp_dma(self._fp.c, self.device_id, -1 if pid is None else pid,
-                              attrs.privileged, access, addr, length, buf, self._pieces,
-                              self._max_pieces, self._stop)
+                              attrs.privileged, access, addr, length, buf, s.pieces,
+                              s.max_pieces, s.stop)
+        except (OverflowError, TypeError):
+            return None
+
+    def _int(self, s: _Scratch, addr: int, size: int, access: int,
+             attrs: DmaAttrs) -> int | None:
+        pid = attrs.pasid
+        try:
+            return lib.fp_dma_int(self._fp.c, self.device_id, -1 if pid is None else pid,
+                                  attrs.privileged, access, addr, size, s.value, s.pieces,
+                                  s.max_pieces, s.stop)
         except (OverflowError, TypeError):
             return None
 
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
         if length <= 0 or not self._usable():
             return super().read_as(addr, length, attrs)
-        if length > self._capacity:
-            self._grow(length)
-        rc = self._dma(addr, length, 2 if attrs.execute else 0, attrs, self._buf)
+        s = self._scratch(length)
+        rc = self._dma(s, addr, length, 2 if attrs.execute else 0, attrs, s.buf)
         if rc == _DMA_DONE:
-            return self._bytes[:length]
+            return s.bytes[:length]
         if rc is None:
             return super().read_as(addr, length, attrs)
-        return self.read_pieces(addr, length, self._rest(addr, length, False, attrs))
+        return self.read_pieces(addr, length, self._rest(s, addr, length, False, attrs))
 
     def write_as(self, addr: int, data, attrs: DmaAttrs) -> None:
         length = len(data)
         if length == 0 or not self._usable() or \
                 (type(data) is memoryview and (data.itemsize != 1 or not data.c_contiguous)):
             return super().write_as(addr, data, attrs)
-        if length > self._capacity:
-            self._grow(length)
-        rc = self._dma(addr, length, 1, attrs, ffi.from_buffer(data))
+        s = self._scratch(length)
+        rc = self._dma(s, addr, length, 1, attrs, ffi.from_buffer(data))
         if rc == _DMA_DONE:
             return None
         if rc is None:
             return super().write_as(addr, data, attrs)
-        return self.write_pieces(addr, data, self._rest(addr, length, True, attrs))
+        return self.write_pieces(addr, data, self._rest(s, addr, length, True, attrs))
 
     def read(self, addr: int, length: int) -> bytes:
         return self.read_as(addr, length, self.attrs)
@@ -742,33 +780,26 @@ class FastDmaView(IommuDmaView):
         attrs = self.attrs
         if not 0 < size <= 8 or not self._usable():
             return super().read_int(addr, size)
-        rc = self._int(addr, size, 2 if attrs.execute else 0, attrs)
+        s = self._scratch(size)
+        rc = self._int(s, addr, size, 2 if attrs.execute else 0, attrs)
         if rc == _DMA_DONE:
-            return self._value[0]
+            return s.value[0]
         if rc is None:
             return super().read_int(addr, size)
-        return int.from_bytes(self.read_pieces(addr, size, self._rest(addr, size, False, attrs)),
-                              "little")
+        return int.from_bytes(
+            self.read_pieces(addr, size, self._rest(s, addr, size, False, attrs)), "little")
 
     def write_int(self, addr: int, size: int, value: int) -> None:
         attrs = self.attrs
         if not 0 < size <= 8 or not self._usable():
             return super().write_int(addr, size, value)
         value &= (1 << (8 * size)) - 1
-        self._value[0] = value
-        rc = self._int(addr, size, 1, attrs)
+        s = self._scratch(size)
+        s.value[0] = value
+        rc = self._int(s, addr, size, 1, attrs)
         if rc == _DMA_DONE:
             return None
         if rc is None:
             return super().write_int(addr, size, value)
         return self.write_pieces(addr, value.to_bytes(size, "little"),
-                                 self._rest(addr, size, True, attrs))
-
-    def _int(self, addr: int, size: int, access: int, attrs: DmaAttrs) -> int | None:
-        pid = attrs.pasid
-        try:
-            return lib.fp_dma_int(self._fp.c, self.device_id, -1 if pid is None else pid,
-                                  attrs.privileged, access, addr, size, self._value,
-                                  self._pieces, self._max_pieces, self._stop)
-        except (OverflowError, TypeError):
-            return None
+                                 self._rest(s, addr, size, True, attrs))

@@ -78,6 +78,10 @@ _NSTAT, _NEVENT, _RECORD = 8, 9, 32
 _DDT, _PDT, _IOTLB, _GTLB = range(4)
 _CACHE_NAMES = ((_DDT, "ddt"), (_PDT, "pdt"), (_IOTLB, "iotlb"), (_GTLB, "gtlb"))
 _DMA_DONE = 0
+get_ident = threading.get_ident
+fp_translate = lib.fp_translate if lib is not None else None
+fp_dma = lib.fp_dma if lib is not None else None
+fp_dma_int = lib.fp_dma_int if lib is not None else None
 
 
 def available() -> bool:
@@ -128,7 +132,12 @@ def attach(iommu) -> None:
 def _fast_class(base: type) -> type:
     cls = _FAST_CLASSES.get(base)
     if cls is None:
-        cls = type("Fast" + base.__name__, (FastIommu, base), {"_reference": base})
+        attrs = {"_reference": base}
+        if not hasattr(base, "needs_reference_path"):
+            # Until the core defines it: a class attribute, because getattr() with a
+            # default costs an exception (~1 us) on every call when it is missing.
+            attrs["needs_reference_path"] = False
+        cls = type("Fast" + base.__name__, (FastIommu, base), attrs)
         _FAST_CLASSES[base] = cls
     return cls
 
@@ -572,22 +581,6 @@ class FastPath:
                 OrderedDict.move_to_end(d, key)
         return at + _RECORD * n
 
-    # -- translation -------------------------------------------------------------------
-    def translate(self, request) -> Translation | None:
-        """The C translation of an Untranslated request; None: ask Python."""
-        pid = request.process_id
-        out = self.out if threading.get_ident() == self._owner else ffi.new("uint64_t[6]")
-        try:
-            rc = lib.fp_translate(self.c, request.device_id, -1 if pid is None else pid,
-                                  request.iova, _ACCESS[request.access], request.privileged,
-                                  out)
-        except (OverflowError, TypeError):
-            return None
-        if rc:
-            return None
-        address, size, perms, pbmt, gpa, has_gpa = ffi.unpack(out, 6)
-        return _translation(address, size, perms, pbmt, gpa if has_gpa else None)
-
 
 class FastIommu:
     """Mixed in before RiscvIommu by `attach`: the C fast path in front of the reference.
@@ -602,10 +595,18 @@ class FastIommu:
     def translate(self, request):
         fp = self.__dict__["_fast"]
         if request.kind is _UNTRANSLATED and (fp.ok or fp.revive()) and \
-                not getattr(self, "needs_reference_path", False):
-            result = fp.translate(request)
-            if result is not None:
-                return result
+                not self.needs_reference_path:
+            pid = request.process_id
+            out = fp.out if get_ident() == fp._owner else ffi.new("uint64_t[6]")
+            try:
+                rc = fp_translate(fp.c, request.device_id, -1 if pid is None else pid,
+                                  request.iova, _ACCESS[request.access], request.privileged,
+                                  out)
+            except (OverflowError, TypeError):
+                rc = 1
+            if not rc:
+                address, size, perms, pbmt, gpa, has_gpa = ffi.unpack(out, 6)
+                return _translation(address, size, perms, pbmt, gpa if has_gpa else None)
         return self._reference.translate(self, request)
 
     def dma_view(self, device_id: int, process_id: int | None = None,
@@ -708,15 +709,10 @@ class FastDmaView(IommuDmaView):
         self._own = _Scratch(4096)
 
     def _scratch(self, length: int) -> _Scratch:
-        s = self._own if threading.get_ident() == self._owner else _Scratch(4096)
+        s = self._own if get_ident() == self._owner else _Scratch(4096)
         if length > s.capacity:
             s.grow(length)
         return s
-
-    def _usable(self) -> bool:
-        fp = self._fp
-        return (fp.ok or fp.revive()) and not getattr(self.iommu, "needs_reference_path",
-                                                      False)
 
     def _rest(self, s: _Scratch, addr: int, length: int, write: bool,
               attrs: DmaAttrs) -> list:
@@ -726,49 +722,42 @@ class FastDmaView(IommuDmaView):
         pieces = [(words[2 * j], words[2 * j + 1], None) for j in range(n)]
         return self.more_pieces(addr, length, write, attrs, start, pieces)
 
-    def _dma(self, s: _Scratch, addr: int, length: int, access: int, attrs: DmaAttrs,
-             buf) -> int | None:
-        pid = attrs.pasid
-        try:
-            return lib.fp_dma(self._fp.c, self.device_id, -1 if pid is None else pid,
-                              attrs.privileged, access, addr, length, buf, s.pieces,
-                              s.max_pieces, s.stop)
-        except (OverflowError, TypeError):
-            return None
-
-    def _int(self, s: _Scratch, addr: int, size: int, access: int,
-             attrs: DmaAttrs) -> int | None:
-        pid = attrs.pasid
-        try:
-            return lib.fp_dma_int(self._fp.c, self.device_id, -1 if pid is None else pid,
-                                  attrs.privileged, access, addr, size, s.value, s.pieces,
-                                  s.max_pieces, s.stop)
-        except (OverflowError, TypeError):
-            return None
-
+    # The methods below are the hot path of every endpoint: kept flat on purpose.
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
-        if length <= 0 or not self._usable():
-            return super().read_as(addr, length, attrs)
-        s = self._scratch(length)
-        rc = self._dma(s, addr, length, 2 if attrs.execute else 0, attrs, s.buf)
-        if rc == _DMA_DONE:
-            return s.bytes[:length]
-        if rc is None:
-            return super().read_as(addr, length, attrs)
-        return self.read_pieces(addr, length, self._rest(s, addr, length, False, attrs))
+        fp = self._fp
+        if length > 0 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
+            s = self._scratch(length)
+            pid = attrs.pasid
+            try:
+                rc = fp_dma(fp.c, self.device_id, -1 if pid is None else pid,
+                            attrs.privileged, 2 if attrs.execute else 0, addr, length, s.buf,
+                            s.pieces, s.max_pieces, s.stop)
+            except (OverflowError, TypeError):
+                rc = None
+            if rc == _DMA_DONE:
+                return s.bytes[:length]
+            if rc is not None:
+                return self.read_pieces(addr, length, self._rest(s, addr, length, False, attrs))
+        return super().read_as(addr, length, attrs)
 
     def write_as(self, addr: int, data, attrs: DmaAttrs) -> None:
+        fp = self._fp
         length = len(data)
-        if length == 0 or not self._usable() or \
-                (type(data) is memoryview and (data.itemsize != 1 or not data.c_contiguous)):
-            return super().write_as(addr, data, attrs)
-        s = self._scratch(length)
-        rc = self._dma(s, addr, length, 1, attrs, ffi.from_buffer(data))
-        if rc == _DMA_DONE:
-            return None
-        if rc is None:
-            return super().write_as(addr, data, attrs)
-        return self.write_pieces(addr, data, self._rest(s, addr, length, True, attrs))
+        if length and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path and \
+                (type(data) is not memoryview or (data.itemsize == 1 and data.c_contiguous)):
+            s = self._scratch(length)
+            pid = attrs.pasid
+            try:
+                rc = fp_dma(fp.c, self.device_id, -1 if pid is None else pid,
+                            attrs.privileged, 1, addr, length, ffi.from_buffer(data),
+                            s.pieces, s.max_pieces, s.stop)
+            except (OverflowError, TypeError):
+                rc = None
+            if rc == _DMA_DONE:
+                return None
+            if rc is not None:
+                return self.write_pieces(addr, data, self._rest(s, addr, length, True, attrs))
+        return super().write_as(addr, data, attrs)
 
     def read(self, addr: int, length: int) -> bytes:
         return self.read_as(addr, length, self.attrs)
@@ -777,29 +766,41 @@ class FastDmaView(IommuDmaView):
         self.write_as(addr, data, self.attrs)
 
     def read_int(self, addr: int, size: int) -> int:
-        attrs = self.attrs
-        if not 0 < size <= 8 or not self._usable():
-            return super().read_int(addr, size)
-        s = self._scratch(size)
-        rc = self._int(s, addr, size, 2 if attrs.execute else 0, attrs)
-        if rc == _DMA_DONE:
-            return s.value[0]
-        if rc is None:
-            return super().read_int(addr, size)
-        return int.from_bytes(
-            self.read_pieces(addr, size, self._rest(s, addr, size, False, attrs)), "little")
+        fp = self._fp
+        if 0 < size <= 8 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
+            attrs = self.attrs
+            s = self._own if get_ident() == self._owner else _Scratch(4096)
+            pid = attrs.pasid
+            try:
+                rc = fp_dma_int(fp.c, self.device_id, -1 if pid is None else pid,
+                                attrs.privileged, 2 if attrs.execute else 0, addr, size,
+                                s.value, s.pieces, s.max_pieces, s.stop)
+            except (OverflowError, TypeError):
+                rc = None
+            if rc == _DMA_DONE:
+                return s.value[0]
+            if rc is not None:
+                data = self.read_pieces(addr, size, self._rest(s, addr, size, False, attrs))
+                return int.from_bytes(data, "little")
+        return super().read_int(addr, size)
 
     def write_int(self, addr: int, size: int, value: int) -> None:
-        attrs = self.attrs
-        if not 0 < size <= 8 or not self._usable():
-            return super().write_int(addr, size, value)
-        value &= (1 << (8 * size)) - 1
-        s = self._scratch(size)
-        s.value[0] = value
-        rc = self._int(s, addr, size, 1, attrs)
-        if rc == _DMA_DONE:
-            return None
-        if rc is None:
-            return super().write_int(addr, size, value)
-        return self.write_pieces(addr, value.to_bytes(size, "little"),
-                                 self._rest(s, addr, size, True, attrs))
+        fp = self._fp
+        if 0 < size <= 8 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
+            attrs = self.attrs
+            value &= (1 << (8 * size)) - 1
+            s = self._own if get_ident() == self._owner else _Scratch(4096)
+            s.value[0] = value
+            pid = attrs.pasid
+            try:
+                rc = fp_dma_int(fp.c, self.device_id, -1 if pid is None else pid,
+                                attrs.privileged, 1, addr, size, s.value, s.pieces,
+                                s.max_pieces, s.stop)
+            except (OverflowError, TypeError):
+                rc = None
+            if rc == _DMA_DONE:
+                return None
+            if rc is not None:
+                return self.write_pieces(addr, value.to_bytes(size, "little"),
+                                         self._rest(s, addr, size, True, attrs))
+        return super().write_int(addr, size, value)

@@ -81,6 +81,12 @@ typedef struct {
     int writable;
 } region_t;
 
+/* what one requester did since the last flush (RequesterStats, device_walks) */
+typedef struct {
+    uint64_t did;
+    uint64_t v[FP_NDEV];
+} dev_t_;
+
 struct fp_iommu {
     pthread_mutex_t lock;
     cache_t c[4];
@@ -91,6 +97,8 @@ struct fp_iommu {
     uint64_t seq, flush_seq;
     uint64_t stats[FP_NSTAT];
     uint64_t events[FP_NEVENT];
+    dev_t_ *dev;
+    int32_t ndev, capdev, lastdev;
     int pending;
     int fallback_line;   /* where the last fallback was decided (tests, debugging) */
 };
@@ -295,6 +303,7 @@ typedef struct {
 
 typedef struct {
     fp_iommu *fp;
+    uint64_t did;
     int nundo;
     undo_t undo[MAXUNDO];
     int saved[4];                 /* shifts and removed list saved for cache k */
@@ -562,6 +571,28 @@ static int tlb_insert(tx_t *tx, int k, uint64_t s0, uint64_t s1, const uint64_t 
     return 0;
 }
 
+/* the pending counters of device `did` (NULL only when out of memory) */
+static uint64_t *dev_counters(fp_iommu *fp, uint64_t did) {
+    if (fp->lastdev < fp->ndev && fp->dev[fp->lastdev].did == did) return fp->dev[fp->lastdev].v;
+    for (int32_t j = 0; j < fp->ndev; j++)
+        if (fp->dev[j].did == did) {
+            fp->lastdev = j;
+            return fp->dev[j].v;
+        }
+    if (fp->ndev == fp->capdev) {
+        int32_t cap = fp->capdev ? fp->capdev * 2 : 8;
+        dev_t_ *d = realloc(fp->dev, sizeof(dev_t_) * cap);
+        if (!d) return NULL;
+        fp->dev = d;
+        fp->capdev = cap;
+    }
+    dev_t_ *d = &fp->dev[fp->ndev];
+    memset(d, 0, sizeof(*d));
+    d->did = did;
+    fp->lastdev = fp->ndev++;
+    return d->v;
+}
+
 static void tx_commit(tx_t *tx) {
     fp_iommu *fp = tx->fp;
     for (int j = 0; j < tx->nundo; j++) {
@@ -571,6 +602,15 @@ static void tx_commit(tx_t *tx) {
     }
     for (int j = 0; j < FP_NSTAT; j++) fp->stats[j] += tx->stats[j];
     for (int j = 0; j < FP_NEVENT; j++) fp->events[j] += tx->events[j];
+    /* RiscvIommu.count_event also counts misses and walks per device */
+    if (tx->events[4] | tx->events[7] | tx->events[8]) {
+        uint64_t *d = dev_counters(fp, tx->did);
+        if (d) {
+            d[FP_DEV_IOTLB_MISS] += tx->events[4];
+            d[FP_DEV_S_WALK] += tx->events[7];
+            d[FP_DEV_G_WALK] += tx->events[8];
+        }
+    }
     fp->pending = 1;
     tx->nundo = 0;
 }
@@ -906,6 +946,7 @@ static int set_first_stage(ctx_t *ctx, uint64_t atp, uint64_t pscid, int sxl) {
 static int tx_translate(tx_t *tx, uint64_t did, int64_t pid, uint64_t iova, int access,
                         int priv, uint64_t *out) {
     fp_iommu *fp = tx->fp;
+    tx->did = did;
     tx->events[1]++;
     int mode = fp->ddtp & 0xF;
     if (mode == 1) {
@@ -993,6 +1034,7 @@ void fp_free(fp_iommu *fp) {
     if (!fp) return;
     for (int k = 0; k < 4; k++) cache_clear(&fp->c[k]);
     free(fp->regions);
+    free(fp->dev);
     pthread_mutex_destroy(&fp->lock);
     free(fp);
 }
@@ -1203,7 +1245,7 @@ static int32_t touched_start(const fp_iommu *fp, const cache_t *c, int64_t *coun
 }
 
 static int64_t flush_words(const fp_iommu *fp) {
-    int64_t words = FP_NSTAT + FP_NEVENT;
+    int64_t words = FP_NSTAT + FP_NEVENT + 1 + (1 + FP_NDEV) * (int64_t)fp->ndev;
     for (int k = 0; k < 4; k++) {
         int64_t n;
         touched_start(fp, &fp->c[k], &n);
@@ -1213,7 +1255,8 @@ static int64_t flush_words(const fp_iommu *fp) {
 }
 
 /* Export what C did since the last flush and mark it flushed, atomically:
- *   stats[FP_NSTAT], events[FP_NEVENT], then per cache: nremoved, keys[4 * nremoved],
+ *   stats[FP_NSTAT], events[FP_NEVENT], ndev, (did, counters[FP_NDEV]) per device,
+ *   then per cache: nremoved, keys[4 * nremoved],
  *   ntouched, records[FP_RECORD * ntouched] (LRU order), nshift, (shift, count) pairs.
  * A record: key[4], dirty, value[NV], ngl, gl[2 * MAXGL], zero padding.
  * Returns the words written, or minus the words needed when capacity is too small. */
@@ -1231,6 +1274,13 @@ int64_t fp_flush(fp_iommu *fp, uint64_t *out, int64_t capacity) {
     w += FP_NEVENT;
     memset(fp->stats, 0, sizeof(fp->stats));
     memset(fp->events, 0, sizeof(fp->events));
+    *w++ = (uint64_t)fp->ndev;
+    for (int32_t j = 0; j < fp->ndev; j++) {
+        *w++ = fp->dev[j].did;
+        memcpy(w, fp->dev[j].v, sizeof(uint64_t) * FP_NDEV);
+        w += FP_NDEV;
+    }
+    fp->ndev = 0;
     for (int k = 0; k < 4; k++) {
         cache_t *c = &fp->c[k];
         *w++ = (uint64_t)c->nremoved;
@@ -1296,8 +1346,18 @@ int fp_dma(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int access, uint64
     int rc = FP_DMA_DONE;
     stop[0] = addr;
     stop[1] = 0;
-    if (len == 0 || addr + len < addr) return FP_DMA_TRANSLATE_PY;
+    if (len == 0 || addr + len < addr) return FP_DMA_REFUSED;
     LOCKED(fp);
+    /* IommuDmaView.pieces counts the request before translating anything */
+    uint64_t *d = dev_counters(fp, did);
+    if (!d) {
+        UNLOCK(fp);
+        return FP_DMA_REFUSED;
+    }
+    int write = access == FP_WRITE;
+    d[write ? FP_DEV_WRITES : FP_DEV_READS]++;
+    d[write ? FP_DEV_BYTES_WRITTEN : FP_DEV_BYTES_READ] += len;
+    fp->pending = 1;
     uint64_t a = addr, end = addr + len;
     while (a < end) {
         if (np == max_pieces ||
@@ -1316,7 +1376,9 @@ int fp_dma(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int access, uint64
     stop[0] = a;
     stop[1] = (uint64_t)np;
     if (rc == FP_DMA_DONE) {
-        int write = access == FP_WRITE;
+        /* d may have moved: dev_counters of a translation's commit can realloc */
+        d = dev_counters(fp, did);
+        if (d) d[FP_DEV_TRANSLATIONS] += (uint64_t)np;
         for (int64_t j = 0; j < np && rc == FP_DMA_DONE; j++) {
             const region_t *r = find_region(fp, pieces[2 * j], pieces[2 * j + 1]);
             if (!r || (write && !r->writable)) rc = FP_DMA_COPY_PY;

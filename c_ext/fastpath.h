@@ -24,6 +24,18 @@
 /* followed by FP_NEVENT event counts, indexed by HPM eventID */
 #define FP_NEVENT 9
 
+/* per-device counters (RequesterStats fields, then device_walks events 4, 7, 8), in the
+   order fp_flush reports them */
+#define FP_DEV_READS 0
+#define FP_DEV_WRITES 1
+#define FP_DEV_BYTES_READ 2
+#define FP_DEV_BYTES_WRITTEN 3
+#define FP_DEV_TRANSLATIONS 4
+#define FP_DEV_IOTLB_MISS 5
+#define FP_DEV_S_WALK 6
+#define FP_DEV_G_WALK 7
+#define FP_NDEV 8
+
 /* access codes */
 #define FP_READ 0
 #define FP_WRITE 1
@@ -39,6 +51,7 @@
 #define FP_DMA_DONE 0          /* translated and copied */
 #define FP_DMA_TRANSLATE_PY 1  /* pieces[0..n) translated; translate the rest in Python */
 #define FP_DMA_COPY_PY 2       /* all pieces translated; copy them in Python */
+#define FP_DMA_REFUSED 3       /* nothing done, nothing counted (address overflow) */
 
 /* words per touched-entry record of fp_flush */
 #define FP_RECORD 32
@@ -47,7 +60,7 @@
 #define FP_RESULT 6
 
 /* bumped whenever this interface changes: a stale build is then not used */
-#define FP_ABI 2
+#define FP_ABI 3
 
 typedef struct fp_iommu fp_iommu;
 
@@ -71,8 +84,8 @@ int fp_cache_len(fp_iommu *fp, int cache);
 int fp_cache_set_shifts(fp_iommu *fp, int cache, int n, const int *shifts);
 int fp_cache_shifts(fp_iommu *fp, int cache, int *shift, int64_t *count, int max);
 
-/* what the C side did since the last flush, exported and marked flushed atomically;
-   returns the words written, or minus the words needed */
+/* what the C side did since the last flush, exported and marked flushed atomically
+   (layout in fastpath.c); returns the words written, or minus the words needed */
 int fp_pending(fp_iommu *fp);
 int64_t fp_flush(fp_iommu *fp, uint64_t *out, int64_t capacity);
 /* source line of c_ext/fastpath.c where the last fallback was decided */

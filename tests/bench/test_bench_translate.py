@@ -34,8 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from iommu_tables import LEAF_RWX, RAM_BASE, atp, make_iommu  # noqa: E402
 
-from vfiouser_iommu.iommu import Access, IommuConfig, Request, Translation  # noqa: E402
-from vfiouser_iommu.iommu import fastpath  # noqa: E402
+from vfiouser_iommu.iommu import (  # noqa: E402
+    Access,
+    IommuConfig,
+    Request,
+    Translation,
+    fastpath,
+)
 from vfiouser_iommu.iommu.walk import SV39, SV39X4  # noqa: E402
 
 pytestmark = pytest.mark.bench

@@ -325,6 +325,8 @@ def snapshot(iommu: RiscvIommu) -> dict:
         "stats": {name: {k: v for k, v in getattr(caches.stats, name).items() if v}
                   for name in ("hits", "misses", "walks")},
         "counters": {int(k): v for k, v in iommu.counters.items() if v},
+        "device_walks": {(d, int(e)): v for (d, e), v in iommu.device_walks.items() if v},
+        "requester_stats": {d: s.as_dict() for d, s in iommu.requester_stats.items()},
         "faults": list(iommu.recent_faults),
         "hpm": (list(hpm.ctr), list(hpm.evt)) if hpm is not None else None,
         "memory": bytes(memory.slice(RAM, SIZE, writable=True)),

@@ -83,7 +83,6 @@ class IommuDmaView(DmaView):
             mrif = None if result.mrif is None else _MrifPiece(self.iommu, request, result)
             pieces.append((result.address, n, mrif))
             addr += n
-        stats.translations += len(pieces)
         return pieces
 
 

@@ -40,14 +40,14 @@ from contextlib import contextmanager
 
 from vfiouser_iommu.iommu.caches import TlbEntry, TranslationCaches
 from vfiouser_iommu.iommu.directory import DeviceContext, ProcessContext
-from vfiouser_iommu.iommu.dma import IommuDmaView
+from vfiouser_iommu.iommu.dma import IommuDmaView, RequesterStats
 from vfiouser_iommu.iommu.request import Access, HpmEvent, RequestKind, Translation
 from vfiouser_iommu.memory import DmaAttrs
 
 log = logging.getLogger(__name__)
 
 #: must equal FP_ABI of c_ext/fastpath.h: an extension built from older sources is unused
-ABI = 2
+ABI = 3
 
 try:
     from vfiouser_iommu._fastpath import ffi, lib
@@ -74,10 +74,13 @@ _UNTRANSLATED = RequestKind.UNTRANSLATED
 _STATS = (("hits", "ddt"), ("hits", "pdt"), ("hits", "iotlb"), ("hits", "gtlb"),
           ("misses", "iotlb"), ("misses", "gtlb"), ("walks", "first_stage"),
           ("walks", "g_stage"))
-_NSTAT, _NEVENT, _RECORD = 8, 9, 32
+_NSTAT, _NEVENT, _NDEV, _RECORD = 8, 9, 8, 32
+#: RequesterStats fields, then the device_walks events, in fastpath.h order
+_DEV_STATS = ("reads", "writes", "bytes_read", "bytes_written", "translations")
+_DEV_EVENTS = (HpmEvent.IOTLB_MISS, HpmEvent.S_STAGE_WALK, HpmEvent.G_STAGE_WALK)
 _DDT, _PDT, _IOTLB, _GTLB = range(4)
 _CACHE_NAMES = ((_DDT, "ddt"), (_PDT, "pdt"), (_IOTLB, "iotlb"), (_GTLB, "gtlb"))
-_DMA_DONE = 0
+_DMA_DONE, _DMA_TRANSLATE_PY, _DMA_COPY_PY, _DMA_REFUSED = range(4)
 get_ident = threading.get_ident
 fp_translate = lib.fp_translate if lib is not None else None
 fp_dma = lib.fp_dma if lib is not None else None
@@ -545,7 +548,7 @@ class FastPath:
             n = words[_NSTAT + event]
             if n:
                 counters[event] += n
-        at = _NSTAT + _NEVENT
+        at = self._apply_devices(words, _NSTAT + _NEVENT)
         for k, name in _CACHE_NAMES:
             part = getattr(caches, name)
             tlb = k in (_IOTLB, _GTLB)
@@ -558,6 +561,29 @@ class FastPath:
                 for j in range(n):
                     shifts[words[at + 2 * j]] = words[at + 2 * j + 1]
             at += 2 * n
+
+    def _apply_devices(self, words: list[int], at: int) -> int:
+        """Per-requester DMA statistics and walk counts (what RiscvIommu.count_event and
+        IommuDmaView.pieces count per device)."""
+        iommu_dict = self.iommu.__dict__
+        requester_stats = iommu_dict["requester_stats"]
+        device_walks = iommu_dict["device_walks"]
+        n = words[at]
+        at += 1
+        for _ in range(n):
+            did, counts = words[at], words[at + 1:at + 1 + _NDEV]
+            at += 1 + _NDEV
+            if any(counts[:len(_DEV_STATS)]):
+                stats = requester_stats.get(did)
+                if stats is None:
+                    stats = requester_stats[did] = RequesterStats()
+                for name, count in zip(_DEV_STATS, counts, strict=False):
+                    if count:
+                        setattr(stats, name, getattr(stats, name) + count)
+            for event, count in zip(_DEV_EVENTS, counts[len(_DEV_STATS):], strict=True):
+                if count:
+                    device_walks[did, event] += count
+        return at
 
     @staticmethod
     def _replay(k: int, d: OrderedDict, words: list[int], at: int) -> int:
@@ -643,6 +669,22 @@ class FastIommu:
         d["counters"] = value
 
     @property
+    def requester_stats(self):
+        d = self.__dict__
+        fp = d["_fast"]
+        if lib.fp_pending(fp.c):
+            fp.flush()
+        return d["requester_stats"]
+
+    @property
+    def device_walks(self):
+        d = self.__dict__
+        fp = d["_fast"]
+        if lib.fp_pending(fp.c):
+            fp.flush()
+        return d["device_walks"]
+
+    @property
     def count_event(self):
         return self.__dict__["count_event"]
 
@@ -714,13 +756,18 @@ class FastDmaView(IommuDmaView):
             s.grow(length)
         return s
 
-    def _rest(self, s: _Scratch, addr: int, length: int, write: bool,
+    def _rest(self, s: _Scratch, rc: int, addr: int, length: int, write: bool,
               attrs: DmaAttrs) -> list:
-        """C's pieces, then Python's translations from where C stopped."""
+        """C's pieces, then Python's translations from where C stopped (C counted the
+        request, and its translations only if it translated every piece)."""
         start, n = s.stop[0], s.stop[1]
         words = ffi.unpack(s.pieces, 2 * n)
         pieces = [(words[2 * j], words[2 * j + 1], None) for j in range(n)]
-        return self.more_pieces(addr, length, write, attrs, start, pieces)
+        if rc == _DMA_COPY_PY:
+            return pieces
+        pieces = self.more_pieces(addr, length, write, attrs, start, pieces)
+        self.stats.translations += len(pieces)
+        return pieces
 
     # The methods below are the hot path of every endpoint: kept flat on purpose.
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
@@ -736,8 +783,9 @@ class FastDmaView(IommuDmaView):
                 rc = None
             if rc == _DMA_DONE:
                 return s.bytes[:length]
-            if rc is not None:
-                return self.read_pieces(addr, length, self._rest(s, addr, length, False, attrs))
+            if rc is not None and rc != _DMA_REFUSED:
+                return self.read_pieces(addr, length,
+                                        self._rest(s, rc, addr, length, False, attrs))
         return super().read_as(addr, length, attrs)
 
     def write_as(self, addr: int, data, attrs: DmaAttrs) -> None:
@@ -755,8 +803,9 @@ class FastDmaView(IommuDmaView):
                 rc = None
             if rc == _DMA_DONE:
                 return None
-            if rc is not None:
-                return self.write_pieces(addr, data, self._rest(s, addr, length, True, attrs))
+            if rc is not None and rc != _DMA_REFUSED:
+                return self.write_pieces(addr, data,
+                                         self._rest(s, rc, addr, length, True, attrs))
         return super().write_as(addr, data, attrs)
 
     def read(self, addr: int, length: int) -> bytes:
@@ -779,8 +828,8 @@ class FastDmaView(IommuDmaView):
                 rc = None
             if rc == _DMA_DONE:
                 return s.value[0]
-            if rc is not None:
-                data = self.read_pieces(addr, size, self._rest(s, addr, size, False, attrs))
+            if rc is not None and rc != _DMA_REFUSED:
+                data = self.read_pieces(addr, size, self._rest(s, rc, addr, size, False, attrs))
                 return int.from_bytes(data, "little")
         return super().read_int(addr, size)
 
@@ -800,7 +849,7 @@ class FastDmaView(IommuDmaView):
                 rc = None
             if rc == _DMA_DONE:
                 return None
-            if rc is not None:
+            if rc is not None and rc != _DMA_REFUSED:
                 return self.write_pieces(addr, value.to_bytes(size, "little"),
-                                         self._rest(s, addr, size, True, attrs))
+                                         self._rest(s, rc, addr, size, True, attrs))
         return super().write_int(addr, size, value)

@@ -12,14 +12,18 @@ SYSTEM_PACKAGES := python3-venv python3-dev swig gcc make dpkg tar xz-utils liba
                    gcc-riscv64-linux-gnu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/python -m pytest
+# The unit tests run every translation test on both the C fast path and pure Python
+# (tests/unit/conftest.py); the qtest layer runs a second time with pure Python servers.
+QTEST_PURE := VFIOUSER_IOMMU_PURE=1 $(PYTEST) tests/qtest -q
 
-.PHONY: demo test lab deps venv lint unit protocol qtest guest bench clean
+.PHONY: demo test lab deps venv lint unit protocol qtest guest bench fuzz-fastpath clean
 
 demo: lab
 	$(BIN)/vfiouser-iommu lab boot --server-log
 
 test: lab lint
 	$(PYTEST) tests/unit tests/protocol tests/qtest tests/guest
+	$(QTEST_PURE)
 	$(PYTEST) tests/bench -m bench -s -q
 
 lab: venv
@@ -45,7 +49,7 @@ $(VENV)/.installed: setup.py pyproject.toml c_ext/fastpath.c c_ext/fastpath.h \
 	@touch $@
 
 lint: venv
-	$(BIN)/ruff check vfiouser_iommu tests
+	$(BIN)/ruff check vfiouser_iommu tests c_ext setup.py
 
 unit: venv
 	$(PYTEST) tests/unit
@@ -53,10 +57,14 @@ protocol: venv
 	$(PYTEST) tests/protocol
 qtest: lab
 	$(PYTEST) tests/qtest
+	$(QTEST_PURE)
 guest: lab
 	$(PYTEST) tests/guest
 bench: lab
 	$(PYTEST) tests/bench -m bench -s
+# The C fast path against the Python reference on 2000 random worlds (docs/fastpath.md).
+fuzz-fastpath: venv
+	FASTPATH_EXAMPLES=2000 $(PYTEST) tests/unit/test_fastpath_equivalence.py -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache vfiouser_iommu/_fastpath*.so

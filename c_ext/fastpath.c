@@ -1335,6 +1335,24 @@ int fp_translate_repeat(fp_iommu *fp, uint64_t did, int64_t pid, uint64_t iova, 
     return rc;
 }
 
+/* DmaView.read_pieces/write_pieces, when every piece is RAM we may read or write */
+static int copy_pieces(const fp_iommu *fp, const uint64_t *pieces, int64_t np, void *buf,
+                       int write) {
+    for (int64_t j = 0; j < np; j++) {
+        const region_t *r = find_region(fp, pieces[2 * j], pieces[2 * j + 1]);
+        if (!r || (write && !r->writable)) return FP_DMA_COPY_PY;
+    }
+    unsigned char *p = (unsigned char *)buf;
+    for (int64_t j = 0; j < np; j++) {
+        const region_t *r = find_region(fp, pieces[2 * j], pieces[2 * j + 1]);
+        unsigned char *host = r->host + (pieces[2 * j] - r->gpa);
+        uint64_t n = pieces[2 * j + 1];
+        if (write) memcpy(host, p, n); else memcpy(p, host, n);
+        p += n;
+    }
+    return FP_DMA_DONE;
+}
+
 /* IommuDmaView.pieces + DmaView.read_as/write_as: one translation per page, all of them
  * before any byte moves; then the copy, if every piece is writable/readable RAM */
 int fp_dma(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int access, uint64_t addr,
@@ -1344,6 +1362,8 @@ int fp_dma(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int access, uint64
     uint64_t out[FP_RESULT];
     int64_t np = 0;
     int rc = FP_DMA_DONE;
+    int translate_only = access & FP_TRANSLATE_ONLY;
+    access &= ~FP_TRANSLATE_ONLY;
     stop[0] = addr;
     stop[1] = 0;
     if (len == 0 || addr + len < addr) return FP_DMA_REFUSED;
@@ -1379,18 +1399,7 @@ int fp_dma(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int access, uint64
         /* d may have moved: dev_counters of a translation's commit can realloc */
         d = dev_counters(fp, did);
         if (d) d[FP_DEV_TRANSLATIONS] += (uint64_t)np;
-        for (int64_t j = 0; j < np && rc == FP_DMA_DONE; j++) {
-            const region_t *r = find_region(fp, pieces[2 * j], pieces[2 * j + 1]);
-            if (!r || (write && !r->writable)) rc = FP_DMA_COPY_PY;
-        }
-        unsigned char *p = (unsigned char *)buf;
-        for (int64_t j = 0; j < np && rc == FP_DMA_DONE; j++) {
-            const region_t *r = find_region(fp, pieces[2 * j], pieces[2 * j + 1]);
-            unsigned char *host = r->host + (pieces[2 * j] - r->gpa);
-            uint64_t n = pieces[2 * j + 1];
-            if (write) memcpy(host, p, n); else memcpy(p, host, n);
-            p += n;
-        }
+        if (!translate_only) rc = copy_pieces(fp, pieces, np, buf, access == FP_WRITE);
     }
     UNLOCK(fp);
     return rc;

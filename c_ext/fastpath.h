@@ -40,6 +40,8 @@
 #define FP_READ 0
 #define FP_WRITE 1
 #define FP_EXEC 2
+/* or-ed into fp_dma's access: translate the pieces, move no data */
+#define FP_TRANSLATE_ONLY 8
 
 /* results */
 #define FP_OK 0
@@ -60,7 +62,7 @@
 #define FP_RESULT 6
 
 /* bumped whenever this interface changes: a stale build is then not used */
-#define FP_ABI 3
+#define FP_ABI 4
 
 typedef struct fp_iommu fp_iommu;
 

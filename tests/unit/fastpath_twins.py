@@ -418,12 +418,16 @@ def _dma(rng: random.Random, twins: Twins, request: Request) -> tuple[str, tuple
     length = rng.choice((1, 2, 4, 8, 16, 100, 4096, 5000, 0x1_0000))
     write = rng.random() < 0.4
     as_int = length <= 8 and rng.random() < 0.5
+    pieces = rng.random() < 0.15       # translate only (scatter-gather callers)
     data = (bytes(rng.getrandbits(8) for _ in range(min(length, 64))) * (length // 64 + 1))
     data = data[:length]
     addr = request.iova
 
     def dma(iommu):
         view = twins.view(iommu, request.device_id, request.process_id, request.privileged)
+        if pieces:
+            return [(gpa, n, type(special).__name__)
+                    for gpa, n, special in view.pieces(addr, length, write, view.attrs)]
         if as_int:
             if write:
                 return view.write_int(addr, length, int.from_bytes(data, "little"))

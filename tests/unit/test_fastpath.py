@@ -316,6 +316,15 @@ def test_environment_switch():
     assert out == {"1": "RiscvIommu", "0": "FastRiscvIommu"}
 
 
+def test_the_fast_path_says_once_that_it_is_on(monkeypatch, caplog):
+    monkeypatch.setattr(fastpath, "_warned", False)
+    with caplog.at_level(logging.INFO, logger="vfiouser_iommu.iommu.fastpath"):
+        RiscvIommu(GuestMemory())
+        RiscvIommu(GuestMemory())
+    assert [r.message for r in caplog.records] == \
+        ["translation fast path: C (VFIOUSER_IOMMU_PURE=1 for pure Python)"]
+
+
 def test_missing_extension_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(fastpath, "lib", None)
     monkeypatch.setattr(fastpath, "_warned", False)

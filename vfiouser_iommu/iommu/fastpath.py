@@ -47,7 +47,7 @@ from vfiouser_iommu.memory import DmaAttrs
 log = logging.getLogger(__name__)
 
 #: must equal FP_ABI of c_ext/fastpath.h: an extension built from older sources is unused
-ABI = 3
+ABI = 4
 
 try:
     from vfiouser_iommu._fastpath import ffi, lib
@@ -81,6 +81,7 @@ _DEV_EVENTS = (HpmEvent.IOTLB_MISS, HpmEvent.S_STAGE_WALK, HpmEvent.G_STAGE_WALK
 _DDT, _PDT, _IOTLB, _GTLB = range(4)
 _CACHE_NAMES = ((_DDT, "ddt"), (_PDT, "pdt"), (_IOTLB, "iotlb"), (_GTLB, "gtlb"))
 _DMA_DONE, _DMA_TRANSLATE_PY, _DMA_COPY_PY, _DMA_REFUSED = range(4)
+_TRANSLATE_ONLY = 8
 get_ident = threading.get_ident
 fp_translate = lib.fp_translate if lib is not None else None
 fp_dma = lib.fp_dma if lib is not None else None
@@ -129,6 +130,9 @@ def attach(iommu) -> None:
             log.warning("C translation fast path unavailable, translating in pure Python: %s",
                         _why_missing)
         return
+    if not _warned:
+        _warned = True
+        log.info("translation fast path: C (VFIOUSER_IOMMU_PURE=1 for pure Python)")
     FastPath(iommu)
 
 
@@ -768,6 +772,26 @@ class FastDmaView(IommuDmaView):
         pieces = self.more_pieces(addr, length, write, attrs, start, pieces)
         self.stats.translations += len(pieces)
         return pieces
+
+    def pieces(self, addr: int, length: int, write: bool, attrs: DmaAttrs) -> list:
+        """`IommuDmaView.pieces` translated in C (for callers that move the data
+        themselves, e.g. scatter-gather I/O straight into guest RAM)."""
+        fp = self._fp
+        if length > 0 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
+            s = self._scratch(length)
+            pid = attrs.pasid
+            access = 1 if write else 2 if attrs.execute else 0
+            try:
+                rc = fp_dma(fp.c, self.device_id, -1 if pid is None else pid,
+                            attrs.privileged, access | _TRANSLATE_ONLY, addr, length,
+                            ffi.NULL, s.pieces, s.max_pieces, s.stop)
+            except (OverflowError, TypeError):
+                rc = None
+            if rc == _DMA_DONE:
+                rc = _DMA_COPY_PY     # every piece translated (and counted) by C
+            if rc is not None and rc != _DMA_REFUSED:
+                return self._rest(s, rc, addr, length, write, attrs)
+        return super().pieces(addr, length, write, attrs)
 
     # The methods below are the hot path of every endpoint: kept flat on purpose.
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:

@@ -68,7 +68,7 @@ NONE = (1 << 64) - 1
 #: HPM events C counts (the others are only ever counted by the Python path)
 FAST_EVENTS = frozenset({HpmEvent.UNTRANSLATED_REQ, HpmEvent.IOTLB_MISS,
                          HpmEvent.S_STAGE_WALK, HpmEvent.G_STAGE_WALK})
-_ACCESS = {Access.READ: 0, Access.WRITE: 1, Access.EXECUTE: 2}
+_READ, _WRITE = Access.READ, Access.WRITE
 _UNTRANSLATED = RequestKind.UNTRANSLATED
 #: (stats counter, kind) of each pending statistic, in fastpath.h order
 _STATS = (("hits", "ddt"), ("hits", "pdt"), ("hits", "iotlb"), ("hits", "gtlb"),
@@ -223,14 +223,22 @@ def _tlb_entry(rec: list[int]) -> TlbEntry:
 
 
 _new = object.__new__
+#: the fields of a C translation's Translation that depend only on its permissions
+_TEMPLATES = tuple({"r": bool(perms & 1), "w": bool(perms & 2), "x": bool(perms & 4),
+                    "u": False, "g": bool(perms & 16), "msi": False, "mrif": None}
+                   for perms in range(32))
 
 
 def _translation(address: int, size: int, perms: int, pbmt: int, gpa: int | None):
-    """Translation(...) without the frozen dataclass's per-field __setattr__ (3x faster)."""
+    """Translation(...) without the frozen dataclass's per-field __setattr__ (3x faster):
+    the same object, built in the instance dict from a per-permission template."""
     t = _new(Translation)
-    t.__dict__.update(address=address, page_size=size, r=bool(perms & 1), w=bool(perms & 2),
-                      x=bool(perms & 4), u=False, g=bool(perms & 16), pbmt=pbmt, gpa=gpa,
-                      msi=False, mrif=None)
+    d = t.__dict__
+    d.update(_TEMPLATES[perms])
+    d["address"] = address
+    d["page_size"] = size
+    d["pbmt"] = pbmt
+    d["gpa"] = gpa
     return t
 
 
@@ -355,6 +363,7 @@ class FastPath:
         self.iommu = iommu
         self.c = ffi.gc(lib.fp_new(), lib.fp_free)
         self.out = ffi.new("uint64_t[6]")
+        self.out_words = memoryview(ffi.buffer(self.out)).cast("Q")
         self._owner = threading.get_ident()
         self._flush_buf = ffi.new("uint64_t[]", 4096)
         self._flush_lock = threading.Lock()
@@ -627,15 +636,18 @@ class FastIommu:
         if request.kind is _UNTRANSLATED and (fp.ok or fp.revive()) and \
                 not self.needs_reference_path:
             pid = request.process_id
-            out = fp.out if get_ident() == fp._owner else ffi.new("uint64_t[6]")
+            access = request.access
+            mine = get_ident() == fp._owner
+            out = fp.out if mine else ffi.new("uint64_t[6]")
             try:
                 rc = fp_translate(fp.c, request.device_id, -1 if pid is None else pid,
-                                  request.iova, _ACCESS[request.access], request.privileged,
-                                  out)
+                                  request.iova, 0 if access is _READ else
+                                  1 if access is _WRITE else 2, request.privileged, out)
             except (OverflowError, TypeError):
                 rc = 1
             if not rc:
-                address, size, perms, pbmt, gpa, has_gpa = ffi.unpack(out, 6)
+                address, size, perms, pbmt, gpa, has_gpa = \
+                    fp.out_words.tolist() if mine else ffi.unpack(out, 6)
                 return _translation(address, size, perms, pbmt, gpa if has_gpa else None)
         return self._reference.translate(self, request)
 

@@ -10,6 +10,7 @@ from vfiouser_iommu.iommu import fastpath
 
 #: modules whose IOMMUs translate: each of their tests runs on both implementations
 TRANSLATION_MODULES = frozenset({
+    "test_cache_modes", "test_checker_catalogue", "test_probe_walk",
     "test_debug", "test_hpm", "test_iommu_caches", "test_iommu_function", "test_iommu_garbage",
     "test_iommu_msi_ats_dma", "test_iommu_msi_superpages", "test_iommu_poison",
     "test_iommu_translate", "test_linux_probe", "test_pq_core", "test_scenarios_commands",

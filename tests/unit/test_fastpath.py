@@ -8,6 +8,7 @@ flush, the Python path never does."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import subprocess
 import sys
@@ -214,6 +215,20 @@ def test_replaced_caches_are_mirrored_again():
     assert not served_by_c(iommu, lambda: iommu.translate(req(0x5000)))[1]   # DC miss
     assert served_by_c(iommu, lambda: iommu.translate(req(0x5000)))[1]
     assert len(iommu.caches.iotlb) == 1
+
+
+def test_a_copy_is_a_plain_reference_iommu():
+    """The walk explainer probes a copy; it must neither share C state nor disturb it."""
+    from vfiouser_iommu.iommu.probe import probe_walk
+
+    iommu, _, _, _ = _sv39()
+    iommu.translate(req(0x5000))
+    iommu.translate(req(0x5000))
+    assert type(copy.copy(iommu)) is RiscvIommu
+    report = probe_walk(iommu, req(0x6000))
+    assert report.cause == 13
+    assert not iommu.__dict__["_fast"].stale
+    assert served_by_c(iommu, lambda: iommu.translate(req(0x5000)))[1]
 
 
 # -- DMA ------------------------------------------------------------------------------------

@@ -655,6 +655,17 @@ class FastIommu:
                  privileged: bool = False):
         return FastDmaView(self, device_id, process_id, privileged)
 
+    def __copy__(self):
+        """A copy (the walk explainer's side-effect-free probe) is a plain reference
+        IOMMU: the C state, and the hooks on the caches, belong to this object alone."""
+        fp = self.__dict__["_fast"]
+        fp.before_change()
+        other = _new(self._reference)
+        state = dict(self.__dict__)
+        del state["_fast"]
+        other.__dict__.update(state)
+        return other
+
     @property
     def caches(self):
         d = self.__dict__

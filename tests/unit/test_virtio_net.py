@@ -177,13 +177,18 @@ def transmit_with_header(rig, header: bytes, payload: bytes) -> None:
     rig.host.run()
 
 
-def test_transmit_header_asking_for_offloads_not_negotiated_drops_the_frame(rig):
-    transmit_with_header(rig, VIRTIO_NET_HDR.pack(1, 0, 0, 0, 34, 16, 0), frame(200))
-    transmit_with_header(rig, VIRTIO_NET_HDR.pack(0, 1, 54, 1448, 0, 0, 0), frame(200))
-    transmit_with_header(rig, VIRTIO_NET_HDR.pack(2, 0, 0, 0, 0, 0, 0), frame(200))
+def test_transmit_flags_not_negotiated_are_ignored_and_gso_not_negotiated_drops(rig):
+    """Section 5.1.6.2.2: the device ignores flag bits it does not recognize; they are
+    cleared, so DATA_VALID never tells the tap's stack to skip checksum checks."""
+    transmit_with_header(rig, VIRTIO_NET_HDR.pack(1, 0, 0, 0, 34, 16, 0), frame(200, 1))
+    transmit_with_header(rig, VIRTIO_NET_HDR.pack(0, 1, 54, 1448, 0, 0, 0), frame(200, 2))
+    transmit_with_header(rig, VIRTIO_NET_HDR.pack(0xFE, 0, 0, 0, 0, 0, 0), frame(200, 3))
+    got = [rig.wire.recv(4096) for _ in range(2)]
+    assert [g[0] for g in got] == [0, 0]
+    assert [g[HDR_SIZE:] for g in got] == [frame(200, 1), frame(200, 3)]
     with pytest.raises(BlockingIOError):
         rig.wire.recv(4096)
-    assert rig.dev.stats["tx_malformed"] == 3 and rig.drv.used_idx(TX_QUEUE) == 3
+    assert rig.dev.stats["tx_malformed"] == 1 and rig.drv.used_idx(TX_QUEUE) == 3
 
 
 def test_transmit_chain_shorter_than_the_header_or_longer_than_mtu_is_dropped(rig):
@@ -360,7 +365,7 @@ def test_features_the_spec_forbids_together_are_refused(orig, feature, without):
 
 
 def test_transmit_passes_the_offload_header_to_the_tap(orig):
-    header = VIRTIO_NET_HDR.pack(1, 1, 54, 1448, 34, 16, 7)
+    header = VIRTIO_NET_HDR.pack(1 | 2, 1, 54, 1448, 34, 16, 7)  # DATA_VALID: ignored
     transmit_with_header(orig, header, frame(4000))  # a TSO frame larger than the MTU
     got = orig.wire.recv(8192)
     assert VIRTIO_NET_HDR.unpack(got[:HDR_SIZE]) == (1, 1, 54, 1448, 34, 16, 0)
@@ -375,7 +380,7 @@ def test_transmit_gso_without_host_tso_is_dropped():
         transmit_with_header(r, VIRTIO_NET_HDR.pack(1, 0, 0, 0, 34, 16, 0), frame(4000))
         with pytest.raises(BlockingIOError):
             r.wire.recv(8192)
-        assert r.dev.stats["tx_malformed"] == 2
+        assert r.dev.stats["tx_malformed"] == 2  # GSO not negotiated; larger than the MTU
     finally:
         r.close()
 

@@ -20,8 +20,9 @@ header size of 12, see `tap.py`; a datagram socket in unit tests).
 `offload=on`). The tap's kernel driver does the work, so we only pass headers through,
 and check that each says nothing the driver did not negotiate:
 - transmit: CSUM (NEEDS_CSUM frames), HOST_TSO4/6 and HOST_ECN (GSO frames up to 64
-  KiB): the driver's header goes to the tap as it is (num_buffers cleared), and the
-  kernel validates csum_start/offset and the GSO fields (a frame it refuses is dropped);
+  KiB): the driver's header goes to the tap with only the flags it may set (num_buffers
+  cleared), and the kernel validates csum_start/offset and the GSO fields (a frame it
+  refuses is dropped);
 - receive: GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN are told to the tap (TUNSETOFFLOAD)
   when the driver accepts them, so the tap hands over only frames of those kinds, and
   MRG_RXBUF lets a frame (up to 64 KiB with TSO) span several receive chains
@@ -37,8 +38,10 @@ Choices where the spec leaves one (docs/virtio.md):
 - A received frame too large for the chain at the head of the queue (no MRG_RXBUF), or
   for the whole queue (MRG_RXBUF), is dropped (counted). With MRG_RXBUF, a frame that
   needs more chains than we keep waits for the driver to add some.
-- A header (either way) with flags or a GSO type the driver did not negotiate drops
-  the frame; the tap's DATA_VALID is cleared when GUEST_CSUM is not negotiated.
+- Transmit: flag bits other than NEEDS_CSUM (with CSUM negotiated) are ignored and
+  cleared (section 5.1.6.2.2); a GSO type not negotiated drops the frame. Receive: a
+  tap header with a GSO type or NEEDS_CSUM the driver did not negotiate drops the
+  frame; the tap's DATA_VALID is cleared when GUEST_CSUM is not negotiated.
 - A receive buffer that faults (DmaError) completes the frame's first chain with
   length 0: Linux counts a length error and drops it. A transmit buffer that faults
   drops the frame. Rings that fault are the transport's business (DEVICE_NEEDS_RESET).
@@ -246,14 +249,18 @@ class VirtioNet(VirtioDevice):
         except DmaError as e:
             self._drop("tx_dma_errors", f"transmit buffer: {e}")
             return
-        flags, gso_type = data[0], data[1]
-        if flags & ~self._tx_flags or gso_type not in self._tx_gso:
-            self._drop("tx_malformed", f"header flags {flags:#x} gso_type {gso_type:#x} "
-                       "not negotiated")
+        gso_type = data[1]
+        if gso_type not in self._tx_gso:
+            self._drop("tx_malformed", f"gso_type {gso_type:#x} not negotiated")
             return
+        # Only NEEDS_CSUM means anything on transmit, and only with CSUM; other bits are
+        # ignored (section 5.1.6.2.2) and never reach the tap: DATA_VALID there would
+        # tell the namespace's stack not to verify the frame's checksum.
+        flags = bytes((data[0] & self._tx_flags,))
         try:
-            # The header as the driver wrote it, num_buffers (meaningless here) cleared.
-            os.writev(self.fd, (data[:HDR_SIZE - 2], b"\0\0", memoryview(data)[HDR_SIZE:]))
+            # The driver's header with those flags, num_buffers (meaningless here) cleared.
+            os.writev(self.fd, (flags, memoryview(data)[1:HDR_SIZE - 2], b"\0\0",
+                                memoryview(data)[HDR_SIZE:]))
         except OSError as e:
             # EIO: the tap's link is down; EAGAIN: its queue is full; EINVAL: the kernel
             # refused the header's checksum or GSO fields. A wire drops.

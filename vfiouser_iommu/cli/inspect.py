@@ -229,7 +229,8 @@ def show_registers(regs: list[dict]) -> str:
 def _steps(steps: list[dict]) -> str:
     rows = []
     for s in steps:
-        raw = s["raw"] if not isinstance(s["raw"], list) else " ".join(f"{w:#x}" for w in s["raw"])
+        raw = " ".join(f"{w:#x}" for w in (s["raw"] if isinstance(s["raw"], list)
+                                             else [s["raw"]]))
         level = s["level"] if s["structure"].endswith(("PTE", "entry")) else None
         if s["structure"] == "MSI PTE":
             level = None

@@ -76,9 +76,13 @@ class StaleUse:
 
     def message(self) -> str:
         where = "" if self.address is None else f" at {self.address:#x}"
+        if self.negative:
+            state = (f"is cached as not valid (V=0) but memory now holds a valid one "
+                     f"({self.change})")
+        else:
+            state = f"changed ({self.change}) and is still cached"
         text = (f"stale use of the {CACHE_NAMES[self.cache]}: {self.structure}"
-                f"{self.level}{where} "
-                f"changed ({self.change}) and is still cached; used for {self.what}; "
+                f"{self.level}{where} {state}; used for {self.what}; "
                 f"missing {self.required}")
         if self.missed:
             text += "; since the fill: " + "; ".join(self.missed)
@@ -107,9 +111,18 @@ class Invalidation:
     index: int
 
     def text(self) -> str:
-        shown = {k: v for k, v in self.fields.items() if v and k not in ("opcode", "func3")}
-        operands = " ".join(f"{k}={v:#x}" for k, v in shown.items())
-        return f"{self.name} {operands}".rstrip() + f" (cq[{self.index}])"
+        """The command in the operand style of the `required` texts."""
+        f = self.fields
+        if self.name.startswith("IOTINVAL"):
+            parts = ["GV=0" if not f["GV"] else f"GV=1 GSCID={f['GSCID']:#x}"]
+            if self.name == "IOTINVAL.VMA":
+                parts.append("PSCV=0" if not f["PSCV"] else f"PSCV=1 PSCID={f['PSCID']:#x}")
+            parts.append("AV=0" if not f["AV"] else f"AV=1 ADDR={f['ADDR'] << 12:#x}")
+        else:
+            parts = ["DV=0"] if not f["DV"] else [f"DV=1 DID={f['DID']:#x}"]
+            if self.name == "IODIR.INVAL_PDT":
+                parts.append(f"PID={f['PID']:#x}")
+        return f"{self.name} {' '.join(parts)} (cq[{self.index}])"
 
 
 def read_step(memory, step: Step) -> tuple[int, ...] | None:
@@ -322,8 +335,8 @@ class InvalidationChecker:
         self._report(StaleUse(
             kind, last.structure, tags.get("device_id"), tags.get("process_id"),
             last.address, last.words, now, required,
-            f"{what}: the cached V=0 faulted it",
-            describe_change(last, now) + " (V=0 -> 1 under negative caching)",
+            f"{what}, which it faulted",
+            describe_change(last, now),
             self._missed(kind, source, entry, tags), negative=True, level=_level(last)),
             ("negative", kind, last.address, now))
 

@@ -50,6 +50,11 @@ class Step:
     def words(self) -> tuple[int, ...]:
         return self.value if isinstance(self.value, tuple) else (self.value,)
 
+    def raw_bytes(self) -> bytes:
+        """The bytes the step read, as they lie in memory."""
+        order = "big" if self.big_endian else "little"
+        return b"".join(w.to_bytes(self.size, order) for w in self.words)
+
 
 @dataclass(frozen=True, slots=True)
 class Roots:
@@ -65,11 +70,16 @@ class Roots:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """What a cached entry was built from: fill order, steps, and (IOTLB) roots."""
+    """What a cached entry was built from: fill order, steps, and (IOTLB) roots.
+
+    `snapshot` holds (address, bytes) of every step, so that checking an entry on each
+    use is one memory read and one comparison per step while nothing changed.
+    """
 
     seq: int
     steps: tuple[Step, ...]
     roots: Roots | None = None
+    snapshot: tuple[tuple[int, bytes], ...] = ()
 
 
 class StepRecorder:
@@ -103,7 +113,9 @@ class StepRecorder:
                           ctx.fs_root if ctx.fs_mode is not None else None,
                           ctx.gs_root if ctx.gs_mode is not None else None,
                           ctx.pscid, ctx.gscid)
-        return Source(next(self.seq), tuple(self.steps[mark:]), roots)
+        taken = tuple(self.steps[mark:])
+        return Source(next(self.seq), taken, roots,
+                      tuple((step.address, step.raw_bytes()) for step in taken))
 
     # -- steps ----------------------------------------------------------------------------
     def step(self, structure: str, level: int, address: int, value, decision: str, *,

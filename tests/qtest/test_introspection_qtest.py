@@ -13,13 +13,14 @@ invalidation checker on, caches at their largest and negative caching on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import IOMMU_ADDR, RAM_SIZE, SHARED_RAM, TESTDEV_ADDR, _attach
 
 from vfiouser_iommu import topology
 from vfiouser_iommu.control.client import ControlConnection
+from vfiouser_iommu.lab.pci import PciBus
 from vfiouser_iommu.lab.qtest import QTest
 from vfiouser_iommu.lab.scenarios import (
     DMA_ERR_TX_FAIL,
@@ -33,18 +34,42 @@ from vfiouser_iommu.lab.stack import OurStack, Topology
 
 pytestmark = pytest.mark.qtest
 STRICTEST = "check=on,cache=max,negative=on"
+# As in conftest.py (not imported from it: several test folders have a conftest module).
+IOMMU_ADDR, TESTDEV_ADDR = "01.0", "02.0"
+RAM_SIZE = "256M"
+SHARED_RAM = "memory-backend-memfd,share=on"
+
+
+@dataclass
+class Machine:
+    qt: QTest
+    iommu_base: int
+    testdev_bar: int
+    requester_id: int
+
+
+def attach(qt: QTest) -> Machine:
+    """BARs and bus mastering for both functions, as firmware would."""
+    bus = PciBus(qt)
+    found = {}
+    for addr in (IOMMU_ADDR, TESTDEV_ADDR):
+        device = bus.at(*topology.parse_address(addr))
+        device.assign_bars()
+        device.enable()
+        found[addr] = device
+    return Machine(qt, found[IOMMU_ADDR].bars[0].addr, found[TESTDEV_ADDR].bars[0].addr,
+                   found[TESTDEV_ADDR].rid)
 
 
 @pytest.fixture
-def checked(lab, tmp_path: Path, request):
+def checked(lab, tmp_path: Path):
     """(machine, control connection) on our stack in the strictest modes."""
     layout = Topology(iommu=IOMMU_ADDR, iommu_options=STRICTEST,
                       endpoints=[f"iommu-testdev@{TESTDEV_ADDR}"])
     with OurStack(lab, tmp_path, layout, memory=RAM_SIZE, verbose=2) as stack:
         args = topology.vfio_user_device_args(stack.socket_dir, stack.functions)
         with QTest(args, memory=RAM_SIZE, memory_backend=SHARED_RAM, lab=lab) as qt:
-            machine = _attach(qt, "ours", stack.log_path)
-            request.node.iommu_machine = machine
+            machine = attach(qt)
             with ControlConnection(stack.control_path) as control:
                 assert control.execute("query-mode")["check"] is True
                 yield machine, control

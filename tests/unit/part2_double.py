@@ -57,11 +57,12 @@ class FakeIommu:
     def invalidate_pdt(self, device_id, process_id):
         self.calls.append(("pdt", device_id, process_id))
 
-    def invalidate_vma(self, gv, gscid, pscv, pscid, av, addr):
-        self.calls.append(("vma", gv, gscid, pscv, pscid, av, addr))
+    def invalidate_vma(self, gv, gscid, pscv, pscid, av, addr, size=4096):
+        self.calls.append(("vma", gv, gscid, pscv, pscid, av, addr)
+                          + ((size,) if size != 4096 else ()))
 
-    def invalidate_gvma(self, gv, gscid, av, addr):
-        self.calls.append(("gvma", gv, gscid, av, addr))
+    def invalidate_gvma(self, gv, gscid, av, addr, size=4096):
+        self.calls.append(("gvma", gv, gscid, av, addr) + ((size,) if size != 4096 else ()))
 
     def reset_translation_state(self):
         self.translation_resets += 1

@@ -107,3 +107,29 @@ def test_topology_defaults_and_scratch_disk():
     t = Topology.parse("05.0,ats=off", ["virtio-blk@02.0,disk=/mine.img"])
     assert t.iommu_spec() == "05.0,ats=off"
     assert t.endpoint_specs(Path("/d.img")) == ["virtio-blk@02.0,disk=/mine.img"]
+
+
+def test_lab_boot_append_file_and_module_options(tmp_path, capsys):
+    args = parse("lab", "boot", "--append", "svpbmt=x", "--file", "/a=/b", "--file", "/c=/d",
+                 "--module", "/m.ko s=1")
+    assert args.append == "svpbmt=x" and args.file == ["/a=/b", "/c=/d"]
+    assert args.module == ["/m.ko s=1"]
+    assert main(["lab", "boot", "--file", "relative=/x"]) == 2
+    assert "want /GUEST/PATH=HOST_PATH" in capsys.readouterr().err
+    assert main(["lab", "boot", "--module", str(tmp_path / "gone.ko")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_parse_module_option(tmp_path):
+    from vfiouser_iommu.lab.boot import parse_module_option
+
+    ko = tmp_path / "vfiouser-iommu-test.ko"
+    ko.write_bytes(b"")
+    assert parse_module_option(f"{ko} checks=first s=1") == \
+        ("vfiouser_iommu_test", ko, "checks=first s=1")
+    with pytest.raises(ValueError):
+        parse_module_option(str(tmp_path / "x.o"))
+
+
+def test_lab_provision_kbuild_option():
+    assert str(parse("lab", "provision", "--kbuild", "/k/build").kbuild) == "/k/build"

@@ -171,9 +171,25 @@ def test_inval_pdt_process_id_wider_than_pdx_is_illegal():
 def test_nl_and_s_forms_when_capable():
     iommu = FakeIommu(dict(NL=1, S=1))
     cq = Cq(iommu)
-    cq.submit(vma(NL=1, AV=1, ADDR=5), vma(S=1, AV=1, ADDR=7))
-    assert cq.head == 2
-    assert iommu.calls[0][5] is True and iommu.calls[1][5] is False  # S: whole space
+    cq.submit(vma(NL=1, AV=1, ADDR=5), vma(S=1, AV=1, ADDR=7), vma(S=1, AV=1, ADDR=0x10),
+              gvma(S=1, AV=1, GV=1, ADDR=0x2FF))
+    assert cq.head == 4
+    # NL: the page itself (the model caches no non-leaf entries).
+    assert iommu.calls[0][5:] == (True, 0x5000)
+    # S: ADDR 0b111 has three trailing ones -> 16 pages at 0; 0x10 (X=0) -> 8 KiB.
+    assert iommu.calls[1][5:] == (True, 0, 0x10000)
+    assert iommu.calls[2][5:] == (True, 0x10000, 0x2000)
+    assert iommu.calls[3][3:] == (True, 0x200000, 0x200000)
+
+
+def test_napot_range_decoding():
+    from vfiouser_iommu.iommu.commands import napot_range
+
+    assert napot_range(0x10) == (0x10000, 0x2000)
+    assert napot_range(0xFF) == (0, 0x200000)              # 2 MiB at 0
+    assert napot_range(0x2FF) == (0x200000, 0x200000)
+    assert napot_range(0x7FFFF_FFFFFFFF) == (0, 1 << 64)   # MSB 0 only: the whole space
+    assert napot_range((1 << 52) - 1) == (0, 1 << 64)      # all ones: UNSPECIFIED, whole
 
 
 def test_iofence_data_write(iommu):

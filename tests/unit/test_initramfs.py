@@ -55,3 +55,23 @@ def test_verdict_needs_done_zero_and_all_results_passing():
     assert not parse_console(["@@RESULT a pass", "@@DONE 1"]).passed
     assert not parse_console(["@@DONE 0"]).passed                 # reported nothing
     assert "b" in parse_console(["@@RESULT b fail x", "@@DONE 0"]).summary()
+
+
+def test_files_get_their_parent_folders_and_extra_modules_a_load_list(tmp_path):
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF")
+    ko = tmp_path / "test_mod.ko"
+    ko.write_bytes(b"module")
+    image = Initramfs(busybox=busybox, script="", files={"/opt/a/b/c.sh": b"x",
+                                                         "/opt/a/d": b"y"},
+                      extra_modules=[("test_mod", ko, "checks=all s=1")])
+    files = read_cpio_newc(gzip.decompress(image.build()))
+    names = list(files)
+    for folder in ("opt", "opt/a", "opt/a/b"):
+        assert stat.S_ISDIR(files[folder][0])
+    assert names.index("opt") < names.index("opt/a") < names.index("opt/a/b") \
+        < names.index("opt/a/b/c.sh")
+    assert names.count("opt/a") == 1
+    assert files["lib/modules/extra/test_mod.ko"][1] == b"module"
+    assert files["etc/modules-extra"][1] == b"test_mod checks=all s=1\n"
+    assert b"@@RESULT insmod-$m pass" in files["init"][1]

@@ -46,6 +46,22 @@ def test_leaf_cached_until_vma_invalidation():
     assert iommu.caches.stats.hits["iotlb"] == 2
 
 
+def test_napot_range_invalidation_drops_exactly_the_range():
+    """IOTINVAL.VMA S=1 (a 2 MiB NAPOT range at 0x200000): every leaf inside goes,
+    the ones on either side stay cached (stale), as an exact range invalidation."""
+    iommu, b, _, pt = _fs_setup()
+    pages = (0x1FF000, 0x200000, 0x3FF000, 0x400000)
+    slots = {va: b.map(SV39, pt, va, DATA + i * 0x1000) for i, va in enumerate(pages)}
+    for va in pages:
+        iommu.translate(req(va))
+    for slot in slots.values():
+        b.write_pte(slot, ((DATA + 0x10000) >> 12) << 10 | LEAF_RW, 8)
+    iommu.invalidate_vma(False, 0, True, PSCID, True, 0x200000, size=0x200000)
+    got = {va: iommu.translate(req(va)).address for va in pages}
+    assert got == {0x1FF000: DATA, 0x200000: DATA + 0x10000, 0x3FF000: DATA + 0x10000,
+                   0x400000: DATA + 0x3000}
+
+
 def test_superpage_dropped_by_any_address_inside():
     iommu, b, _, pt = _fs_setup()
     slot = b.map(SV39, pt, 0x20_0000, RAM_BASE, MIB2)

@@ -36,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "Debian's; it needs riscv-iommu built in")
     p.add_argument("--modules", type=Path, metavar="DIR",
                    help="with --kernel: its module tree (the folder holding modules.dep)")
+    p.add_argument("--kbuild", type=Path, metavar="DIR",
+                   help="your kernel's build tree (where you ran make; it has Module.symvers), "
+                        "for building kernel modules such as the project's test module; "
+                        "with Debian's kernel the lab fetches the matching headers itself")
     p.add_argument("--refresh", action="store_true",
                    help="resolve current package versions and rebuild even if the lab exists")
     p.add_argument("--no-boot-check", action="store_true",
@@ -43,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_provision)
 
     p = cmds.add_parser("status", help="print what the lab holds")
+    p.add_argument("--json", action="store_true",
+                   help="print the lab's facts as one JSON object (paths, versions, the "
+                        "kbuild tree for `make -C` and the cross compiler to build with)")
     p.set_defaults(func=cmd_status)
 
     p = cmds.add_parser("boot", help="boot a guest and run a guest script",
@@ -72,6 +79,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an endpoint behind our IOMMU (repeatable; default: iommu-testdev@02.0 "
                         "virtio-blk@03.0 virtio-rng@04.0; a virtio-blk without disk= gets a "
                         "scratch image)")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="more kernel command-line arguments (e.g. 'iommu.strict=1')")
+    p.add_argument("--file", action="append", default=[], metavar="GUEST_PATH=HOST_PATH",
+                   help="copy a host file into the guest's initramfs at GUEST_PATH (its "
+                        "folders are created; repeatable)")
+    p.add_argument("--module", action="append", default=[], metavar="'PATH.ko [PARAMS]'",
+                   help="a kernel module to load after the lab's and before the script, "
+                        "with optional module parameters; its insmod result is reported as "
+                        "@@RESULT insmod-NAME (repeatable)")
     p.add_argument("--disk-size", type=int, default=64, metavar="MIB",
                    help="size of the scratch disk image (default: %(default)s MiB)")
     p.add_argument("--keep-running", action="store_true",
@@ -137,26 +153,54 @@ def cmd_provision(args: argparse.Namespace) -> int:
         return 2
     try:
         provision(kernel=args.kernel, modules=args.modules, refresh=args.refresh,
-                  check_boot=not args.no_boot_check)
+                  check_boot=not args.no_boot_check, kbuild=args.kbuild)
     except LabError as e:
         print(f"vfiouser-iommu: lab provision failed: {e}", file=sys.stderr)
         return 1
     return 0
 
 
+def lab_facts(lab) -> dict:
+    """The manifest plus what a module build needs, as `lab status --json` prints it."""
+    import dataclasses
+    import shutil
+
+    facts = dataclasses.asdict(lab)
+    compiler = f"{lab.cross_compile}gcc" if lab.cross_compile else ""
+    facts["cross_compiler"] = (shutil.which(compiler) or compiler) if compiler else ""
+    facts["make_modules"] = (["make", "-C", lab.kbuild, *lab.kbuild_make_args, "M=DIR",
+                              "modules"] if lab.kbuild else [])
+    return facts
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     lab = _lab_or_exit()
+    if args.json:
+        import json
+
+        print(json.dumps(lab_facts(lab), indent=2))
+        return 0
     print(f"lab:      {lab.root}")
     print(f"qemu:     {lab.qemu_version} ({lab.qemu_source})\n          {lab.qemu}")
     print(f"kernel:   {lab.kernel_version} ({lab.kernel_source})\n          {lab.kernel}")
     print(f"modules:  {' '.join(lab.module_order) or '(none)'}")
     print(f"busybox:  {lab.busybox_version}\n          {lab.busybox}")
+    if lab.kbuild:
+        make = " ".join(lab_facts(lab)["make_modules"])
+        print(f"kbuild:   {lab.kbuild}\n          {make}")
+    else:
+        print("kbuild:   (none: provision with --kbuild DIR to build modules for your kernel)")
     return 0
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
     from vfiouser_iommu.endpoints import ENDPOINTS
-    from vfiouser_iommu.lab.boot import boot_ours, boot_reference, default_script
+    from vfiouser_iommu.lab.boot import (
+        boot_ours,
+        boot_reference,
+        default_script,
+        parse_module_option,
+    )
     from vfiouser_iommu.lab.stack import StackError, Topology
     from vfiouser_iommu.topology import IOMMU_KIND, parse_functions
 
@@ -173,13 +217,20 @@ def cmd_boot(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"vfiouser-iommu: {e}", file=sys.stderr)
         return 2
+    try:
+        files = _guest_files(args.file)
+        modules = [parse_module_option(m) for m in args.module]
+    except ValueError as e:
+        print(f"vfiouser-iommu: {e}", file=sys.stderr)
+        return 2
     lab = _lab_or_exit()
     script = args.script.read_text() if args.script else default_script()
     echo = None if args.quiet else sys.stdout
     disk_size = args.disk_size << 20
     timeout = args.timeout or (10.0 ** 9 if args.keep_running else 300.0)
+    extras = {"files": files, "append": args.append, "extra_modules": modules}
     if args.reference:
-        run = boot_reference(lab, script, timeout, echo=echo, disk_size=disk_size)
+        run = boot_reference(lab, script, timeout, echo=echo, disk_size=disk_size, **extras)
     else:
         workdir, on_line = args.workdir, None
         if args.keep_running:
@@ -188,13 +239,15 @@ def cmd_boot(args: argparse.Namespace) -> int:
         try:
             run = boot_ours(lab, script, timeout, echo=echo, workdir=workdir,
                             topology=topology, disk_size=disk_size, on_line=on_line,
-                            serve_args=serve_args)
+                            serve_args=serve_args, **extras)
         except StackError as e:
             print(f"vfiouser-iommu: {e}", file=sys.stderr)
             return 1
         if args.server_log:
             print("--- our server's log (vfiouser-iommu -v serve)")
             print(run.server_log, end="")
+    for hint in run.hints:
+        print(hint)
     status = "PASS" if run.verdict.passed else "FAIL"
     extra = " (timed out)" if run.timed_out else ""
     boot = f", init after {run.init_seconds:.1f}s" if run.init_seconds else ""
@@ -225,6 +278,20 @@ def _keep_running(script: str, workdir: Path | None):
                   flush=True)
 
     return keep_running_script(script), workdir, on_line
+
+
+def _guest_files(options: list[str]) -> dict[str, bytes]:
+    """`--file GUEST_PATH=HOST_PATH` options as {guest path: contents}."""
+    files = {}
+    for option in options:
+        guest, sep, host = option.partition("=")
+        if not sep or not guest.startswith("/") or not host:
+            raise ValueError(f"--file {option}: want /GUEST/PATH=HOST_PATH")
+        try:
+            files[guest] = Path(host).expanduser().read_bytes()
+        except OSError as e:
+            raise ValueError(f"--file {option}: {e.strerror}") from None
+    return files
 
 
 def cmd_qemu_args(args: argparse.Namespace) -> int:

@@ -99,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"serve: {e}", file=sys.stderr)
         return 2
+    if args.iommu is not None and iommu.iommu.config.svpbmt:
+        from ..lab.known_bugs import SERVE_SVPBMT_HINT
+
+        print(SERVE_SVPBMT_HINT, file=sys.stderr, flush=True)
     args.socket_dir.mkdir(parents=True, exist_ok=True)
     server = Server(dma_layout=DmaLayout(args.dma_layout))
     iommu_function = functions[0][0] if args.iommu is not None else None

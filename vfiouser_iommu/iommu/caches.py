@@ -75,11 +75,13 @@ class TlbEntry:
     def is_global(self) -> bool:
         return bool(self.fs_flags and self.fs_flags & 0x20)
 
-    def covers(self, va: int) -> bool:
-        return self.va_base <= va < self.va_base + self.size
+    def covers(self, va: int, size: int = 1) -> bool:
+        """Whether the entry overlaps [va, va+size) (one address by default)."""
+        return self.va_base < va + size and va < self.va_base + self.size
 
-    def uses_gpa(self, gpa: int) -> bool:
-        return any(base <= gpa < base + size for base, size in self.g_leaves)
+    def uses_gpa(self, gpa: int, size: int = 1) -> bool:
+        return any(base < gpa + size and gpa < base + length
+                   for base, length in self.g_leaves)
 
     def fragment(self, va: int) -> TlbEntry:
         """The 4 KiB piece of this entry that holds `va` (cache mode `max`)."""
@@ -168,23 +170,48 @@ class Tlb:
         return None
 
 
+def napot_range(page: int, width: int = 52) -> tuple[int, int]:
+    """(base, size) of a NAPOT-encoded page number (IOTINVAL S=1, ATS.INVAL S=1): X
+    trailing ones name 2^(X+1) pages, aligned to that size. All `width` bits one is
+    UNSPECIFIED: we take the whole space."""
+    ones = (~page & (page + 1)).bit_length() - 1  # trailing 1 bits
+    if ones >= width:
+        return 0, 1 << (width + 12)
+    size = PAGE << (ones + 1)
+    return (page << 12) & ~(size - 1), size
+
+
+def iotinval_range(fields: dict[str, int]) -> tuple[int, int]:
+    """(address, size) an IOTINVAL with AV=1 names: one page, or S=1's NAPOT range.
+
+    NL=1 also names the non-leaf entries there; the model caches none, so leaf
+    invalidation of the range is exactly what NL asks for.
+    """
+    if fields.get("S"):
+        return napot_range(fields["ADDR"])
+    return fields["ADDR"] << 12, PAGE
+
+
 def vma_covers(entry: TlbEntry, gv: bool, gscid: int, pscv: bool, pscid: int, av: bool,
-               addr: int) -> bool:
-    """Whether IOTINVAL.VMA with these operands removes `entry` (§4.1.1 table)."""
+               addr: int, size: int = 1) -> bool:
+    """Whether IOTINVAL.VMA with these operands removes `entry` (§4.1.1 table); with
+    AV=1 the entries overlapping [addr, addr+size)."""
     if entry.gscid != (gscid if gv else None):
         return False
     if pscv and (entry.pscid != pscid or entry.is_global):
         return False
-    return not av or entry.covers(addr)
+    return not av or entry.covers(addr, size)
 
 
-def gvma_covers(entry: TlbEntry, gv: bool, gscid: int, av: bool, addr: int) -> bool:
+def gvma_covers(entry: TlbEntry, gv: bool, gscid: int, av: bool, addr: int,
+                size: int = 1) -> bool:
     """Whether IOTINVAL.GVMA removes a leaf-translation `entry` (IOTLB or G-stage)."""
     if not gv:
         return entry.gscid is not None
     if entry.gscid != gscid:
         return False
-    return not av or entry.uses_gpa(addr) or (entry.pscid is None and entry.covers(addr))
+    return (not av or entry.uses_gpa(addr, size)
+            or (entry.pscid is None and entry.covers(addr, size)))
 
 
 @dataclass
@@ -286,31 +313,34 @@ class TranslationCaches:
 
     # -- IOTINVAL -------------------------------------------------------------------
     def invalidate_vma(self, gv: bool, gscid: int, pscv: bool, pscid: int, av: bool,
-                       addr: int) -> int:
+                       addr: int, size: int = PAGE) -> int:
         """IOTINVAL.VMA, every GV/PSCV/AV combination of §4.1.1.
 
         GV=0 selects host address spaces (G-stage Bare); PSCV=1 spares global entries;
-        AV=1 drops the leaf entries covering `addr` (a superpage goes whole).
+        AV=1 drops the leaf entries overlapping [addr, addr+size) — one page, or S=1's
+        NAPOT range — and nothing else (a superpage goes whole).
         """
         space = (gscid if gv else None, pscid)
 
         def hit(e: TlbEntry) -> bool:
-            return vma_covers(e, gv, gscid, pscv, pscid, av, addr)
+            return vma_covers(e, gv, gscid, pscv, pscid, av, addr, size)
 
         removed = 0
         for iotlb in self._both("iotlb"):
-            if av and pscv:
+            if av and pscv and size <= PAGE:
                 removed += iotlb.drop_at(space, addr, hit)
             else:
                 removed += iotlb.drop(hit)
         return removed
 
-    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int) -> int:
+    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int,
+                        size: int = PAGE) -> int:
         """IOTINVAL.GVMA: G-stage leaves, the translations built on them, MSI PTEs.
 
         GV=0: every entry that went through a G-stage (any VM), and every MSI PTE.
         GV=1, AV=0: all of GSCID. GV=1, AV=1: entries that used a G-stage leaf mapping
-        GPA `addr`, and the MSI PTE of the interrupt file at `addr`. MSI PTEs are tagged
+        a GPA in [addr, addr+size) (one page, or S=1's NAPOT range), and the MSI PTEs of
+        the interrupt files there. MSI PTEs are tagged
         with DC.iohgatp.GSCID even when the G-stage is Bare (the spec's recipe for an MSI
         PTE change names that GSCID with GV=1).
         """
@@ -328,9 +358,13 @@ class TranslationCaches:
                 removed += gtlb.drop(lambda e: e.gscid == gscid)
                 doomed = [k for k in msi if k[0] == gscid]
             else:
-                removed += iotlb.drop(lambda e: e.gscid == gscid and e.uses_gpa(addr))
-                removed += gtlb.drop_at((gscid,), addr, lambda e: True)
-                doomed = [k for k, v in msi.items() if k[0] == gscid and v[2] == addr >> 12]
+                removed += iotlb.drop(lambda e: e.gscid == gscid and e.uses_gpa(addr, size))
+                if size <= PAGE:
+                    removed += gtlb.drop_at((gscid,), addr, lambda e: True)
+                else:
+                    removed += gtlb.drop(lambda e: e.gscid == gscid and e.covers(addr, size))
+                pages = range(addr >> 12, (addr + size) >> 12)
+                doomed = [k for k, v in msi.items() if k[0] == gscid and v[2] in pages]
             for key in doomed:
                 del msi[key]
             removed += len(doomed)

@@ -33,7 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vfiouser_iommu.iommu import steps
-from vfiouser_iommu.iommu.caches import Lru, Tlb, TlbEntry, gvma_covers, vma_covers
+from vfiouser_iommu.iommu.caches import (
+    Lru,
+    Tlb,
+    TlbEntry,
+    gvma_covers,
+    iotinval_range,
+    vma_covers,
+)
 from vfiouser_iommu.iommu.directory import BARE, DeviceContext, ProcessContext
 from vfiouser_iommu.iommu.regs_layouts import CMD_IODIR, CMD_IOTINVAL, COMMAND
 from vfiouser_iommu.iommu.steps import Source, Step, StepRecorder
@@ -480,7 +487,7 @@ def _not_covered(kind: str, inv: Invalidation, value, tags: dict) -> str | None:
     if inv.name == "IOTINVAL.VMA" and kind == "iotlb":
         return _vma_miss(f, value)
     if inv.name == "IOTINVAL.GVMA":
-        if gvma_covers(value, bool(f["GV"]), f["GSCID"], bool(f["AV"]), f["ADDR"] << 12):
+        if gvma_covers(value, bool(f["GV"]), f["GSCID"], bool(f["AV"]), *iotinval_range(f)):
             return None
         if not f["GV"]:
             return "GV=0 covers G-stage translations, this one has none"
@@ -493,8 +500,9 @@ def _not_covered(kind: str, inv: Invalidation, value, tags: dict) -> str | None:
 
 
 def _vma_miss(f: dict, entry: TlbEntry) -> str | None:
-    gv, pscv, av, addr = bool(f["GV"]), bool(f["PSCV"]), bool(f["AV"]), f["ADDR"] << 12
-    if vma_covers(entry, gv, f["GSCID"], pscv, f["PSCID"], av, addr):
+    gv, pscv, av = bool(f["GV"]), bool(f["PSCV"]), bool(f["AV"])
+    addr, size = iotinval_range(f)
+    if vma_covers(entry, gv, f["GSCID"], pscv, f["PSCID"], av, addr, size):
         return None
     if entry.gscid != (f["GSCID"] if gv else None):
         if not gv:

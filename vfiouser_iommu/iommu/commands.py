@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from vfiouser_iommu.iommu.caches import iotinval_range, napot_range
 from vfiouser_iommu.iommu.directory import DDT_LEVELS, device_id_fits
 from vfiouser_iommu.iommu.interrupts import CIP
 from vfiouser_iommu.iommu.queues import QueueRegs
@@ -121,9 +122,8 @@ def ats_range(payload: int) -> tuple[int, int, bool]:
     page = fields["addr"]
     if not fields["S"]:
         return page << 12, _PAGE, bool(fields["G"])
-    ones = (~page & (page + 1)).bit_length() - 1  # trailing 1 bits
-    size = _PAGE << (ones + 1)
-    return (page << 12) & ~(size - 1), size, bool(fields["G"])
+    base, size = napot_range(page)
+    return base, size, bool(fields["G"])
 
 
 class CommandQueue(QueueRegs):
@@ -250,21 +250,19 @@ class CommandQueue(QueueRegs):
         f = self._iotinval_fields(command)
         if f is None:
             return self._illegal()
-        # A NAPOT range (S=1) is invalidated as the whole address space: over-invalidation
-        # is always allowed, and part 1's primitive takes a single address.
-        av = bool(f["AV"]) and not f["S"]
+        addr, size = iotinval_range(f)
         self.removed = self.regs.iommu.invalidate_vma(bool(f["GV"]), f["GSCID"],
-                                                      bool(f["PSCV"]), f["PSCID"], av,
-                                                      f["ADDR"] << 12)
+                                                      bool(f["PSCV"]), f["PSCID"],
+                                                      bool(f["AV"]), addr, **_sized(size))
         return Outcome.DONE
 
     def _iotinval_gvma(self, command: int) -> Outcome:
         f = self._iotinval_fields(command)
         if f is None or f["PSCV"]:
             return self._illegal()
-        av = bool(f["AV"]) and not f["S"]
-        self.removed = self.regs.iommu.invalidate_gvma(bool(f["GV"]), f["GSCID"], av,
-                                                       f["ADDR"] << 12)
+        addr, size = iotinval_range(f)
+        self.removed = self.regs.iommu.invalidate_gvma(bool(f["GV"]), f["GSCID"],
+                                                       bool(f["AV"]), addr, **_sized(size))
         return Outcome.DONE
 
     # -- IOFENCE.C ------------------------------------------------------------------------
@@ -346,3 +344,9 @@ class CommandQueue(QueueRegs):
         return Outcome.DONE
 
 
+
+
+def _sized(size: int) -> dict[str, int]:
+    """The `size` argument of an invalidation primitive, passed only for a range (so a
+    primitive replaced by a tool that predates ranges still gets single pages)."""
+    return {"size": size} if size != _PAGE else {}

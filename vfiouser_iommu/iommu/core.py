@@ -166,11 +166,14 @@ class RiscvIommu:
         return self.caches.invalidate_pdt(device_id, process_id)
 
     def invalidate_vma(self, gv: bool, gscid: int, pscv: bool, pscid: int, av: bool,
-                       addr: int) -> int:
-        return self.caches.invalidate_vma(gv, gscid, pscv, pscid, av, addr)
+                       addr: int, size: int = 4096) -> int:
+        """IOTINVAL.VMA; with AV=1, [addr, addr+size) (a NAPOT range when S=1)."""
+        return self.caches.invalidate_vma(gv, gscid, pscv, pscid, av, addr, size)
 
-    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int) -> int:
-        return self.caches.invalidate_gvma(gv, gscid, av, addr)
+    def invalidate_gvma(self, gv: bool, gscid: int, av: bool, addr: int,
+                        size: int = 4096) -> int:
+        """IOTINVAL.GVMA; with GV=AV=1, the GPAs [addr, addr+size)."""
+        return self.caches.invalidate_gvma(gv, gscid, av, addr, size)
 
     def reset_translation_state(self) -> None:
         """Empty every cache (reset, or a ddtp mode change if part 2 chooses)."""

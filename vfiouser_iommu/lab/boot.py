@@ -39,18 +39,38 @@ def machine_args(lab: Lab, memory: str = DEFAULT_MEMORY, smp: int = 2,
             *([] if reboot else ["-no-reboot"]), "-bios", "default"]
 
 
-def kernel_args(lab: Lab, initrd: Path, cmdline: str = KERNEL_CMDLINE) -> list[str]:
-    return ["-kernel", lab.kernel, "-initrd", str(initrd), "-append", cmdline]
+def kernel_args(lab: Lab, initrd: Path, cmdline: str = KERNEL_CMDLINE,
+                append: str = "") -> list[str]:
+    """`append` adds to the kernel command line (after the lab's own arguments)."""
+    return ["-kernel", lab.kernel, "-initrd", str(initrd), "-append",
+            f"{cmdline} {append}".strip()]
+
+
+#: A module `lab boot --module` loads: (name, .ko path, module parameters).
+ExtraModule = tuple[str, Path, str]
+
+
+def parse_module_option(text: str) -> ExtraModule:
+    """`PATH.ko [PARAM=VALUE ...]` -> (name, path, params); ValueError if it is no .ko."""
+    path, _, params = text.strip().partition(" ")
+    ko = Path(path).expanduser()
+    if ko.suffix != ".ko":
+        raise ValueError(f"--module {path}: want a .ko file")
+    if not ko.is_file():
+        raise ValueError(f"--module {path}: no such file")
+    return ko.stem.replace("-", "_"), ko, params.strip()
 
 
 def guest_initramfs(lab: Lab, script: str, modules: list[str] | None = None,
-                    files: dict[str, bytes] | None = None) -> Initramfs:
-    """An initramfs for `script`, loading `modules` (default: all the lab has)."""
+                    files: dict[str, bytes] | None = None,
+                    extra_modules: list[ExtraModule] | None = None) -> Initramfs:
+    """An initramfs for `script`, loading `modules` (default: all the lab has), then
+    `extra_modules` (each reported as an `insmod-NAME` result)."""
     names = lab.module_order if modules is None else [
         m for m in lab.module_order if m in set(modules)]
     return Initramfs(busybox=Path(lab.busybox), script=script,
                      modules=[(n, Path(lab.modules[n])) for n in names],
-                     files=dict(files or {}))
+                     files=dict(files or {}), extra_modules=list(extra_modules or []))
 
 
 @dataclass
@@ -62,6 +82,7 @@ class GuestRun:
     returncode: int | None = None
     init_seconds: float | None = None  # from QEMU start to the guest's init running
     server_log: str = ""               # our server's log, when our stack was booted
+    hints: list[str] = field(default_factory=list)  # one-line notes for the user
 
 
 def run_guest(argv: list[str], timeout: float, echo: TextIO | None = sys.stdout,
@@ -159,6 +180,18 @@ def smoke_boot(lab: Lab, timeout: float = 120) -> float:
     return run.seconds
 
 
+#: Where `boot_reference(testdev=True)` puts QEMU's iommu-testdev.
+REFERENCE_TESTDEV = "04.0"
+
+
+def guest_hints(lab: Lab, run: GuestRun, iommu_options: str | None = None) -> list[str]:
+    """One-line notes about known guest-kernel bugs the run may meet on our IOMMU with
+    `iommu_options` (None: QEMU's built-in IOMMU); see lab/known_bugs.py."""
+    from vfiouser_iommu.lab.known_bugs import hints_for_guest
+
+    return hints_for_guest(lab.kernel_version, run.console, iommu_options)
+
+
 def reference_args(disk: Path, iommu_addr: str = "01.0", blk_addr: str = "02.0",
                    rng_addr: str = "03.0") -> list[str]:
     """QEMU's built-in riscv-iommu-pci with virtio-blk and virtio-rng behind it."""
@@ -202,14 +235,22 @@ def make_scratch_disk(path: Path, size: int = 64 << 20) -> Path:
 
 
 def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
-                   disk_size: int = 64 << 20, files: dict[str, bytes] | None = None
-                   ) -> GuestRun:
-    """Boot a guest on QEMU's built-in IOMMU with virtio-blk + virtio-rng behind it."""
+                   disk_size: int = 64 << 20, files: dict[str, bytes] | None = None,
+                   append: str = "", extra_modules: list[ExtraModule] | None = None,
+                   testdev: bool = False) -> GuestRun:
+    """Boot a guest on QEMU's built-in IOMMU with virtio-blk + virtio-rng behind it
+    (and QEMU's iommu-testdev at 04.0 with `testdev`)."""
     with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
-        initrd = guest_initramfs(lab, script, files=files).write(Path(tmp) / "initrd.gz")
+        initrd = guest_initramfs(lab, script, files=files, extra_modules=extra_modules
+                                 ).write(Path(tmp) / "initrd.gz")
         disk = make_scratch_disk(Path(tmp) / "disk.img", disk_size)
-        argv = (machine_args(lab) + kernel_args(lab, initrd) + reference_args(disk))
-        return run_guest(argv, timeout, echo)
+        argv = (machine_args(lab) + kernel_args(lab, initrd, append=append)
+                + reference_args(disk))
+        if testdev:
+            argv += ["-device", f"iommu-testdev,addr={REFERENCE_TESTDEV}"]
+        run = run_guest(argv, timeout, echo)
+        run.hints = guest_hints(lab, run)
+        return run
 
 
 def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
@@ -217,7 +258,8 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
               verbose: int = 1, reboot: bool = False, disk_size: int = 64 << 20,
               files: dict[str, bytes] | None = None,
               on_line: Callable[[str], None] | None = None, append: str = "",
-              serve_args: list[str] | None = None) -> GuestRun:
+              serve_args: list[str] | None = None,
+              extra_modules: list[ExtraModule] | None = None) -> GuestRun:
     """Boot a guest on our IOMMU (a `vfiouser-iommu serve` child) with its endpoints.
 
     `workdir` keeps the sockets, the scratch disk, the DTB and the server log; a
@@ -235,11 +277,12 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
                          disk_size=disk_size, serve_args=serve_args)
         machine = machine_args(lab, memory=memory, reboot=reboot)
         dtb = stack.write_dtb(machine)
-        initrd = guest_initramfs(lab, script, files=files).write(work / "initrd.gz")
+        initrd = guest_initramfs(lab, script, files=files, extra_modules=extra_modules
+                                 ).write(work / "initrd.gz")
         with stack:
-            cmdline = f"{KERNEL_CMDLINE} {append}".strip()
-            argv = (machine + kernel_args(lab, initrd, cmdline) + stack.qemu_args()
+            argv = (machine + kernel_args(lab, initrd, append=append) + stack.qemu_args()
                     + ["-dtb", str(dtb)])
             run = run_guest(argv, timeout, echo, on_line)
         run.server_log = stack.server_log()
+        run.hints = guest_hints(lab, run, stack.topology.iommu_options)
         return run

@@ -32,6 +32,15 @@ echo "@@INIT $(cut -d' ' -f1 /proc/uptime)"
 for m in $(cat /etc/modules-load); do
     insmod "/lib/modules/$m.ko" || echo "@@RESULT load-module-$m fail insmod exited $?"
 done
+# Modules given with `lab boot --module`: one line each, "NAME PARAMS...".
+while read -r m params; do
+    [ -n "$m" ] || continue
+    if out=$(insmod "/lib/modules/extra/$m.ko" $params 2>&1); then
+        echo "@@RESULT insmod-$m pass $params"
+    else
+        echo "@@RESULT insmod-$m fail insmod exited $?: $(echo "$out" | tail -n 1)"
+    fi
+done < /etc/modules-extra
 sh -c '. /lib/guest-lib.sh; . /script.sh'
 echo "@@DONE $?"
 sync
@@ -69,6 +78,9 @@ class Initramfs:
     script: str
     modules: list[tuple[str, Path]] = field(default_factory=list)  # (name, .ko) load order
     files: dict[str, bytes] = field(default_factory=dict)          # extra files by path
+    # Modules loaded after the lab's, before the script, each reported as a @@RESULT
+    # insmod-NAME line: (name, .ko, module parameters).
+    extra_modules: list[tuple[str, Path, str]] = field(default_factory=list)
 
     def entries(self) -> list[CpioEntry]:
         dirs = ["bin", "sbin", "etc", "lib", "lib/modules", "proc", "sys", "dev", "tmp", "mnt"]
@@ -82,7 +94,22 @@ class Initramfs:
         out.append(CpioEntry("etc/modules-load", load.encode()))
         for name, ko in self.modules:
             out.append(CpioEntry(f"lib/modules/{name}.ko", ko.read_bytes()))
+        extra = "".join(f"{name} {params}".rstrip() + "\n"
+                        for name, _, params in self.extra_modules)
+        out.append(CpioEntry("etc/modules-extra", extra.encode()))
+        if self.extra_modules:
+            out.append(CpioEntry("lib/modules/extra", mode=0o040755))
+        for name, ko, _ in self.extra_modules:
+            out.append(CpioEntry(f"lib/modules/extra/{name}.ko", ko.read_bytes()))
+        made = set(dirs) | ({"lib/modules/extra"} if self.extra_modules else set())
         for path, data in sorted(self.files.items()):
+            # The archive must name every folder a file sits in, parents first.
+            parts = path.strip("/").split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                folder = "/".join(parts[:i])
+                if folder not in made:
+                    made.add(folder)
+                    out.append(CpioEntry(folder, mode=0o040755))
             # ELF files are programs the script runs: make them executable.
             mode = 0o100755 if data[:4] == b"\x7fELF" else 0o100644
             out.append(CpioEntry(path.lstrip("/"), data, mode))

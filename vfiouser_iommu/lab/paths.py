@@ -37,6 +37,11 @@ class Lab:
     module_order: list[str] = field(default_factory=list)  # load order (dependencies first)
     busybox: str = ""
     busybox_version: str = ""
+    # Kernel-module builds (lab/kbuild.py): the tree for `make -C`, the make arguments
+    # it needs, and the cross-compiler prefix. Empty kbuild: the lab cannot build modules.
+    kbuild: str = ""
+    kbuild_make_args: list[str] = field(default_factory=list)
+    cross_compile: str = ""
 
     def save(self) -> None:
         path = Path(self.root) / MANIFEST
@@ -46,7 +51,20 @@ class Lab:
 
     def missing(self) -> list[str]:
         files = [self.qemu, self.kernel, self.busybox, *self.modules.values()]
+        if self.kbuild:
+            files.append(str(Path(self.kbuild) / "Makefile"))
         return [f for f in files if not Path(f).exists()]
+
+    def kbuild_for_modules(self):
+        """The lab's `Kbuild` (lab/kbuild.py), its builds cached under <lab>/kmod."""
+        from vfiouser_iommu.lab.kbuild import Kbuild, LabError
+
+        if not self.kbuild:
+            raise LabError(f"the lab at {self.root} cannot build kernel modules: run "
+                           "`vfiouser-iommu lab provision` (with --kbuild DIR for your "
+                           "own kernel)")
+        return Kbuild(Path(self.kbuild), tuple(self.kbuild_make_args),
+                      Path(self.root) / "kmod")
 
 
 class NoLab(Exception):

@@ -10,6 +10,9 @@ what it names still works, and returns in seconds.
 - Kernel: Debian unstable's newest `linux-binary-*-riscv64` (or `--kernel PATH`), and the
   modules the guest tests load, decompressed, from its `linux-modules-*` package.
 - busybox: Debian unstable's `busybox-static` for riscv64.
+- kbuild: a tree that builds kernel modules for that kernel with Debian 12's
+  `gcc-riscv64-linux-gnu` (lab/kbuild.py), checked by building a module; for your own
+  kernel, the build tree you name with `--kbuild`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from vfiouser_iommu.lab.debian import (
     extract,
     relink_absolute_symlinks,
 )
+from vfiouser_iommu.lab.kbuild import CROSS_COMPILE, Kbuild, check_kbuild, debian_kbuild
 from vfiouser_iommu.lab.paths import MANIFEST, Lab, NoLab, lab_dir, load_lab
 
 SUITE = "sid"
@@ -246,6 +250,40 @@ def provision_busybox(root: Path, archive: Archive, say: Progress) -> tuple[str,
     return str(dest / "busybox"), pkg.version
 
 
+# -- kbuild -------------------------------------------------------------------------------
+
+def provision_kbuild(root: Path, archive: Archive | None, kernel_version: str,
+                     kernel_source: str, user_kbuild: Path | None, say: Progress) -> dict:
+    """The manifest's kbuild fields: Debian's headers for Debian's kernel, or the user's
+    build tree; either is checked by building a module."""
+    if user_kbuild is not None:
+        tree = user_kbuild.expanduser().resolve()
+        if not (tree / "Makefile").exists():
+            raise LabError(f"--kbuild {user_kbuild}: no Makefile there (want the kernel's "
+                           "build tree, the folder you ran make in)")
+        make_args = ["ARCH=riscv", f"CROSS_COMPILE={CROSS_COMPILE}"]
+    elif kernel_source.startswith(f"debian {SUITE} "):
+        if archive is None:
+            archive = Archive(apt_mirror(), root / "downloads", say)
+        tree = debian_kbuild(root, archive, SUITE, kernel_version,
+                             kernel_source.split()[-1], say)
+        make_args = []
+    else:
+        say("no --kbuild for your kernel: the lab will not build kernel modules")
+        return {"kbuild": "", "kbuild_make_args": [], "cross_compile": ""}
+    check_kbuild(Kbuild(tree, tuple(make_args)), say)
+    return {"kbuild": str(tree), "kbuild_make_args": make_args, "cross_compile": CROSS_COMPILE}
+
+
+def _kbuild_wanted(lab: Lab, kbuild: Path | None) -> bool:
+    """Whether a complete lab still needs (another) kbuild tree."""
+    if kbuild is not None:
+        return lab.kbuild != str(kbuild.expanduser().resolve())
+    # Debian's tree is named after the kernel version: a refreshed kernel needs its own.
+    return lab.kernel_source.startswith("debian ") and (
+        not lab.kbuild or not lab.kbuild.endswith(f"linux-headers-{lab.kernel_version}"))
+
+
 # -- the whole lab ---------------------------------------------------------------------------
 
 def missing_guest_modules(lab: Lab) -> list[str]:
@@ -272,7 +310,8 @@ def _refresh_kernel(lab: Lab, missing: list[str], check_boot: bool, say: Progres
 
 def provision(root: Path | None = None, kernel: Path | None = None,
               modules: Path | None = None, refresh: bool = False,
-              check_boot: bool = True, say: Progress = _say) -> Lab:
+              check_boot: bool = True, say: Progress = _say,
+              kbuild: Path | None = None) -> Lab:
     """Build (or check) the lab; return its manifest."""
     root = root or lab_dir()
     started = time.monotonic()
@@ -286,10 +325,12 @@ def provision(root: Path | None = None, kernel: Path | None = None,
                 if qemu_qualifies(lab.qemu):
                     missing = missing_guest_modules(lab)
                     if missing and not lab.kernel_source.startswith("user "):
-                        return _refresh_kernel(lab, missing, check_boot, say)
-                    if missing:
+                        lab = _refresh_kernel(lab, missing, check_boot, say)
+                    elif missing:
                         say(f"your kernel's modules lack {' '.join(missing)}; the guest tests "
                             "that need them will fail (provision with --modules again)")
+                    if _kbuild_wanted(lab, kbuild):
+                        return _add_kbuild(lab, kbuild, say, started)
                     say(f"lab at {root} is complete (QEMU {lab.qemu_version}, kernel "
                         f"{lab.kernel_version}); checked in {time.monotonic() - started:.1f}s")
                     return lab
@@ -302,13 +343,15 @@ def provision(root: Path | None = None, kernel: Path | None = None,
         qemu_version_s, qemu_source = provision_qemu(root, archive, say)
         kernel_info = provision_kernel(root, archive, kernel, modules, say)
         busybox, busybox_version = provision_busybox(root, archive, say)
+        kbuild_info = provision_kbuild(root, archive, kernel_info["kernel_version"],
+                                       kernel_info["kernel_source"], kbuild, say)
     except OSError as e:
         if e.errno == 28:
             raise LabError(f"disk full under {root}") from None
         raise
     lab = Lab(root=str(root), qemu=str(root / "bin" / "qemu-system-riscv64"),
               qemu_version=qemu_version_s, qemu_source=qemu_source,
-              busybox=busybox, busybox_version=busybox_version, **kernel_info)
+              busybox=busybox, busybox_version=busybox_version, **kernel_info, **kbuild_info)
     if check_boot:
         from vfiouser_iommu.lab.boot import smoke_boot
 
@@ -317,4 +360,20 @@ def provision(root: Path | None = None, kernel: Path | None = None,
         say(f"kernel booted to its init and powered off in {seconds:.1f}s")
     lab.save()
     say(f"lab ready at {root} in {time.monotonic() - started:.0f}s")
+    return lab
+
+
+def _add_kbuild(lab: Lab, kbuild: Path | None, say: Progress, started: float) -> Lab:
+    """A complete lab without the kbuild tree asked for: add only that."""
+    root = Path(lab.root)
+    try:
+        info = provision_kbuild(root, None, lab.kernel_version, lab.kernel_source, kbuild, say)
+    except OSError as e:
+        if e.errno == 28:
+            raise LabError(f"disk full under {root}") from None
+        raise
+    for name, value in info.items():
+        setattr(lab, name, value)
+    lab.save()
+    say(f"lab at {root} can build kernel modules now ({time.monotonic() - started:.0f}s)")
     return lab

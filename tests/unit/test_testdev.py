@@ -160,7 +160,7 @@ def test_completion_vector(dev):
 
 
 def test_qemu_unused_offsets_and_sizes(dev):
-    assert r(dev, 0x34) == 0 and r(dev, 0x7FC) == 0
+    assert r(dev, 0x48) == 0 and r(dev, 0x7FC) == 0
     w(dev, testdev.DMA_LEN, 5)
     assert dev.region_read(0, testdev.DMA_LEN, 2) == bytes(2)   # 4-byte registers only
 
@@ -187,3 +187,84 @@ def test_build_options():
 
 def test_default_view_is_identity_over_the_function_memory(dev):
     assert type(dev.dma) is DmaView and dev.dma.memory is dev.memory
+
+
+class Doorbells:
+    """A GuestMemory fallback standing for QEMU: non-RAM writes as DMA_WRITE messages."""
+
+    def __init__(self):
+        self.writes = []
+
+    def read(self, gpa, length):
+        raise AssertionError("no reads expected")
+
+    def write(self, gpa, data):
+        self.writes.append((gpa, bytes(data)))
+
+
+def msi(d, addr, data, enable=True):
+    w(d, testdev.MSI_ADDR_LO, addr & 0xFFFFFFFF)
+    w(d, testdev.MSI_ADDR_HI, addr >> 32)
+    w(d, testdev.MSI_DATA, data)
+    w(d, testdev.MSI_CTRL, int(enable))
+
+
+def test_completion_msi_is_a_32bit_write_after_the_dma(dev):
+    bells = Doorbells()
+    dev.memory.fallback = bells
+    view = RecordingView(dev.memory)
+    dev.set_dma_view(view)
+    assert r(dev, testdev.MSI_RESULT) == testdev.RESULT_IDLE
+    msi(dev, 0x2800_1000, 0x2A)
+    assert (r(dev, testdev.MSI_ADDR_LO), r(dev, testdev.MSI_DATA)) == (0x2800_1000, 0x2A)
+    arm(dev, RAM, 8)
+    assert run(dev) == 0
+    assert [q[:3] for q in view.requests] == [("write", RAM, 8), ("write", 0x2800_1000, 4)]
+    assert bells.writes == [(0x2800_1000, (0x2A).to_bytes(4, "little"))]
+    assert r(dev, testdev.MSI_RESULT) == testdev.RESULT_OK
+
+
+def test_completion_msi_fault_is_reported_and_disabled_msi_sends_nothing(dev):
+    view = RecordingView(dev.memory)
+    dev.set_dma_view(view)
+    msi(dev, 0x2800_1000, 1, enable=False)
+    arm(dev, RAM, 4)
+    run(dev)
+    assert len(view.requests) == 1
+    view.fail = True
+    msi(dev, 0x2800_1000, 1)
+    arm(dev, RAM, 4)
+    assert run(dev) == testdev.ERR_TX_FAIL
+    assert r(dev, testdev.MSI_RESULT) == testdev.ERR_TX_FAIL
+    dev.reset()
+    assert r(dev, testdev.MSI_CTRL) == 0 and r(dev, testdev.MSI_RESULT) == testdev.RESULT_IDLE
+
+
+def test_completion_msi_goes_through_the_iommus_msi_page_table():
+    """Flat MSI PT, basic translate: the interrupt-file GPA the device writes becomes
+    the real file's address, outside RAM, so it leaves as a doorbell write; with V=0
+    the write faults 262 and nothing leaves."""
+    from iommu_tables import atp, make_iommu
+
+    did, file_gpa, real = 0x10, 0x2800_0000, 0x2900_0000
+    iommu, b, root = make_iommu(None)
+    msipt = b.alloc()
+    b.write64(msipt + 16, 1 | 3 << 1 | (real >> 12) << 10)     # file 1: basic, valid
+    b.set_dc(root, 3, did, 64, tc=1, msiptp=atp(1, msipt >> 12), msi_mask=0x1,
+             msi_pattern=file_gpa >> 12)
+    bells = Doorbells()
+    iommu.memory.fallback = bells
+    d = IommuTestDev()
+    d.set_dma_view(iommu.dma_view(did))
+    data_page = b.alloc()
+    w(d, testdev.DMA_CTRL, testdev.DIR_WRITE << testdev.CTRL_DIR_SHIFT)  # no read-back
+    msi(d, file_gpa + 0x1000, 0x21)
+    arm(d, data_page, 4)
+    assert run(d) == 0
+    assert bells.writes == [(real, (0x21).to_bytes(4, "little"))]
+    msi(d, file_gpa, 0x21)                                      # file 0: V=0
+    arm(d, data_page, 4)
+    run(d)
+    assert r(d, testdev.MSI_RESULT) == testdev.ERR_TX_FAIL
+    assert iommu.recent_faults[-1].cause == 262
+    assert len(bells.writes) == 1

@@ -29,6 +29,20 @@ Extensions (offsets QEMU's device leaves unused; it reads them as 0 and drops wr
 |      |               | 1 read, 2 write only, 3 execute (instruction fetch read) |
 | 0x2c | DMA_MSIX      | bit 31 enable: raise MSI-X vector bits 10:0 when a DMA finishes |
 | 0x30 | DMA_DATA      | first 4 bytes read by the last read or execute DMA |
+| 0x34 | MSI_ADDR_LO   | message address of the completion MSI, low / high word |
+| 0x38 | MSI_ADDR_HI   | |
+| 0x3c | MSI_DATA      | message data (32 bits) |
+| 0x40 | MSI_CTRL      | bit 0 enable: when a DMA finishes, write MSI_DATA to MSI_ADDR |
+| 0x44 | MSI_RESULT    | 0 the last MSI write went out, 0xdead0002 the IOMMU faulted it, |
+|      |               | 0xffffffff none sent since reset |
+
+The completion MSI (MSI_CTRL.enable) is the PCI way: a posted 32-bit DMA write of
+MSI_DATA to MSI_ADDR by the device, so the IOMMU translates it for the device's
+requester ID like any other write (MSI address translation, spec §3.3 step 18, MSI page
+tables, MRIF mode). An address outside guest RAM (an IMSIC interrupt file) leaves the
+server as a vfio-user DMA_WRITE, on the same connection and after every earlier
+non-RAM write of the device, so it never overtakes the DMA it signals. It replaces
+nothing: DMA_MSIX still raises the MSI-X vector through QEMU's table.
 
 Result codes follow QEMU: a failed DMA access (translation fault, unmapped memory) is
 0xdead0002 for every direction; a failed physical read-back is 0xdead0003.
@@ -67,6 +81,12 @@ DMA_PASID = 0x24
 DMA_CTRL = 0x28
 DMA_MSIX = 0x2C
 DMA_DATA = 0x30
+MSI_ADDR_LO = 0x34
+MSI_ADDR_HI = 0x38
+MSI_DATA = 0x3C
+MSI_CTRL = 0x40
+MSI_RESULT = 0x44
+MSI_ENABLE = 1 << 0
 
 RESULT_OK = 0
 RESULT_IDLE = 0xFFFFFFFF
@@ -129,6 +149,10 @@ class IommuTestDev(PciFunction):
         self.ctrl = 0
         self.msix = 0
         self.data = 0
+        self.msi_addr = 0
+        self.msi_data = 0
+        self.msi_ctrl = 0
+        self.msi_result = RESULT_IDLE
 
     # -- registers ---------------------------------------------------------------------------
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
@@ -169,8 +193,20 @@ class IommuTestDev(PciFunction):
         self.armed = False
         log.debug("%s: DMA %#x+%#x dir %d -> %#x", self.name, self.gva, self.length,
                   self.direction, self.result)
+        if self.msi_ctrl & MSI_ENABLE:
+            self._send_msi()
         if self.msix & MSIX_ENABLE:
             self._raise_completion(self.msix & MSIX_VECTOR_MASK)
+
+    def _send_msi(self) -> None:
+        """The completion MSI: a 32-bit DMA write through the device's DMA view."""
+        try:
+            self.dma.write(self.msi_addr, self.msi_data.to_bytes(4, "little"))
+        except DmaError as e:
+            log.info("%s: completion MSI write failed: %s", self.name, e)
+            self.msi_result = ERR_TX_FAIL
+            return
+        self.msi_result = RESULT_OK
 
     def _raise_completion(self, vector: int) -> None:
         msix = self.config.msix
@@ -256,6 +292,11 @@ _READS = {
     DMA_CTRL: lambda d: d.ctrl,
     DMA_MSIX: lambda d: d.msix,
     DMA_DATA: lambda d: d.data,
+    MSI_ADDR_LO: lambda d: d.msi_addr & 0xFFFFFFFF,
+    MSI_ADDR_HI: lambda d: d.msi_addr >> 32,
+    MSI_DATA: lambda d: d.msi_data,
+    MSI_CTRL: lambda d: d.msi_ctrl,
+    MSI_RESULT: lambda d: d.msi_result,
 }
 
 _WRITES = {
@@ -270,6 +311,10 @@ _WRITES = {
     DMA_PASID: lambda d, v: setattr(d, "pasid", v & (PASID_VALID | PASID_MASK)),
     DMA_CTRL: lambda d, v: setattr(d, "ctrl", v & 0x7),
     DMA_MSIX: lambda d, v: setattr(d, "msix", v & (MSIX_ENABLE | MSIX_VECTOR_MASK)),
+    MSI_ADDR_LO: _set_lo("msi_addr"),
+    MSI_ADDR_HI: _set_hi("msi_addr"),
+    MSI_DATA: _set("msi_data"),
+    MSI_CTRL: lambda d, v: setattr(d, "msi_ctrl", v & MSI_ENABLE),
 }
 
 _DIRECTIONS = {

@@ -38,7 +38,7 @@ def test_adapt_config_turns_symbols_off_in_all_three_places(tmp_path):
     (tmp_path / "include/config/auto.conf").write_text("CONFIG_CC_HAS_ASSUME=y\n")
     (tmp_path / "include/generated/autoconf.h").write_text(
         "#define CONFIG_CC_HAS_ASSUME 1\n#define CONFIG_CC_HAS_ASSUME_X 1\n")
-    kbuild.adapt_config(tmp_path, ("CC_HAS_ASSUME",))
+    kbuild.adapt_config(tmp_path, ("CC_HAS_ASSUME",), make_only=())
     assert (tmp_path / ".config").read_text() == \
         "# CONFIG_CC_HAS_ASSUME is not set\nCONFIG_KEEP=y\n"
     assert "=y" not in (tmp_path / "include/config/auto.conf").read_text()
@@ -49,6 +49,19 @@ def test_adapt_config_turns_symbols_off_in_all_three_places(tmp_path):
 def test_the_nine_gcc12_symbols_and_btf_are_turned_off():
     assert len(kbuild.GCC12_LACKS) == 9
     assert "DEBUG_INFO_BTF_MODULES" in kbuild.NO_PAHOLE
+
+
+def test_module_btf_stays_in_the_c_header_because_it_sizes_struct_module(tmp_path):
+    (tmp_path / "include" / "config").mkdir(parents=True)
+    (tmp_path / "include" / "generated").mkdir(parents=True)
+    (tmp_path / ".config").write_text("CONFIG_DEBUG_INFO_BTF_MODULES=y\n")
+    (tmp_path / "include/config/auto.conf").write_text("CONFIG_DEBUG_INFO_BTF_MODULES=y\n")
+    header = "#define CONFIG_DEBUG_INFO_BTF_MODULES 1\n"
+    (tmp_path / "include/generated/autoconf.h").write_text(header)
+    kbuild.adapt_config(tmp_path)
+    assert "=y" not in (tmp_path / ".config").read_text()
+    assert "=y" not in (tmp_path / "include/config/auto.conf").read_text()
+    assert (tmp_path / "include/generated/autoconf.h").read_text() == header
 
 
 def test_cached_module_build_is_reused_and_keyed_by_sources(tmp_path):

@@ -59,6 +59,19 @@ check() {
     if "$@" >/tmp/check.out 2>&1; then pass "$n" "$(head -c 200 /tmp/check.out | tr '\n' ' ')"
     else fail "$n" "exit $?: $(head -c 200 /tmp/check.out | tr '\n' ' ')"; fi
 }
+# kmod_run KO [PARAM=VALUE...]: load a test module that reports on the kernel log, print
+# its @@RESULT lines and every other kernel line logged meanwhile as @@KLOG, unload it.
+kmod_run() {
+    ko=$1; shift
+    name=$(basename "$ko" .ko)
+    n=$(dmesg | wc -l)
+    if ! out=$(insmod "$ko" "$@" 2>&1); then fail "insmod-$name" "$out"; fi
+    sleep 0.5
+    dmesg | tail -n +$((n + 1)) \
+        | sed -n -e 's/^.*\(@@RESULT .*\)$/\1/p' -e '/@@RESULT/!s/^/@@KLOG /p'
+    rmmod "$name" 2>/dev/null
+    return 0
+}
 """
 
 

@@ -41,7 +41,9 @@ CROSS_COMPILE = "riscv64-linux-gnu-"
 GCC12_LACKS = ("TOOLCHAIN_HAS_ZACAS", "TOOLCHAIN_HAS_ZABHA", "RISCV_ISA_ZACAS",
                "RISCV_ISA_ZABHA", "CC_HAS_MIN_FUNCTION_ALIGNMENT", "CC_HAS_COUNTED_BY",
                "CC_HAS_COUNTED_BY_PTR", "CC_HAS_MULTIDIMENSIONAL_NONSTRING", "CC_HAS_ASSUME")
-# Module BTF needs pahole, which the lab does not have.
+# Module BTF needs pahole, which the lab does not have. Only the build's makefiles may
+# forget it: in autoconf.h it also sizes `struct module` (btf_data fields), and a module
+# compiled without them has its exit pointer in the wrong field ([permanent], no rmmod).
 NO_PAHOLE = ("DEBUG_INFO_BTF_MODULES",)
 # Libraries the kbuild host tools load (modpost, genksyms, objtool: libelf, zlib, ssl).
 HOST_LIBS = ("libc6", "libelf1t64", "zlib1g", "libzstd1", "libssl3t64")
@@ -112,12 +114,15 @@ def _config_off(text: str, symbols: tuple[str, ...], style: str) -> str:
     return text
 
 
-def adapt_config(tree: Path, symbols: tuple[str, ...] = GCC12_LACKS + NO_PAHOLE) -> None:
-    """Turn `symbols` off in the three places kbuild reads configuration from."""
+def adapt_config(tree: Path, symbols: tuple[str, ...] = GCC12_LACKS,
+                 make_only: tuple[str, ...] = NO_PAHOLE) -> None:
+    """Turn `symbols` off in the three places kbuild reads configuration from, and
+    `make_only` in the two the makefiles read (not in the C header)."""
     for rel, style in ((".config", "config"), ("include/config/auto.conf", "config"),
                        ("include/generated/autoconf.h", "header")):
         path = tree / rel
-        path.write_text(_config_off(path.read_text(), symbols, style))
+        off = symbols + (make_only if style == "config" else ())
+        path.write_text(_config_off(path.read_text(), off, style))
 
 
 def _kernelvariables(tree: Path) -> None:

@@ -21,16 +21,47 @@ Linux's first stage. One boot per capability set:
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
-from conftest import BOOT_SECONDS, KMOD_OUTCOMES
 
+from vfiouser_iommu.lab import kmod
 from vfiouser_iommu.lab.boot import boot_ours, boot_reference
 from vfiouser_iommu.lab.stack import Topology
 
 pytestmark = pytest.mark.guest
 GUEST_KO = "/kmod/vfiouser_iommu_test.ko"
 TIMEOUT = 300
+
+# check -> stack -> one-line outcome; what -> seconds. Printed when the module's tests end.
+KMOD_OUTCOMES: dict[str, dict[str, str]] = {}
+BOOT_SECONDS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def side_by_side_table(request):
+    """Print every check on both stacks, and the boot times, after this file's tests
+    (like the qtest layer's side-by-side table, without needing -s)."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not (KMOD_OUTCOMES or BOOT_SECONDS):
+        return
+    reporter.write_sep("=", "test kernel module: our IOMMU and QEMU's riscv-iommu-pci")
+    width = max((len(name) for name in KMOD_OUTCOMES), default=10)
+    for check, by_stack in KMOD_OUTCOMES.items():
+        reporter.write_line(f"{check:<{width}}  ours: {by_stack.get('ours', '-')}")
+        reporter.write_line(f"{'':<{width}}  qemu: {by_stack.get('qemu', '-')}")
+    for what, seconds in BOOT_SECONDS.items():
+        reporter.write_line(f"{what}: {seconds:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def test_module(lab):
+    """The test module's .ko, built from the project's sources for the lab's kernel."""
+    started = time.monotonic()
+    ko = kmod.build(lab.kbuild_for_modules())
+    BOOT_SECONDS["module build (0 s when cached)"] = time.monotonic() - started
+    return ko
 
 
 def script(*runs: str) -> str:

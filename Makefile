@@ -16,7 +16,7 @@ PYTEST := $(BIN)/python -m pytest
 # (tests/unit/conftest.py); the qtest layer runs a second time with pure Python servers.
 QTEST_PURE := VFIOUSER_IOMMU_PURE=1 $(PYTEST) tests/qtest -q
 
-.PHONY: demo test lab deps venv lint unit protocol qtest guest bench fuzz-fastpath clean
+.PHONY: demo test lab deps venv lint unit protocol qtest guest bench fuzz-fastpath profile clean
 
 demo: lab
 	$(BIN)/vfiouser-iommu lab boot --server-log
@@ -65,6 +65,9 @@ bench: lab
 # The C fast path against the Python reference on 2000 random worlds (docs/fastpath.md).
 fuzz-fastpath: venv
 	FASTPATH_EXAMPLES=2000 $(PYTEST) tests/unit/test_fastpath_equivalence.py -q
+# Where the server's time goes per guest I/O request (docs/performance.md); minutes.
+profile: lab
+	$(BIN)/python tests/bench/profile_guest_io.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache vfiouser_iommu/_fastpath*.so

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from ..control import CONTROL_SOCKET, start_control
@@ -63,6 +68,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write a Chrome trace-event file of the IOMMU's commands, faults, "
                         "invalidations, interrupts, stale uses and per-endpoint rates "
                         "(open it in ui.perfetto.dev); needs --iommu")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="run under cProfile and write its statistics (pstats) to FILE at exit")
+    p.add_argument("--stats", type=Path, metavar="FILE",
+                   help="write the server's CPU time and wall time (JSON) to FILE at exit")
     p.set_defaults(func=cmd_serve)
 
 
@@ -128,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Last, after every function's line: whoever waits for those finds all listening.
         print(f"control: {control.path}", flush=True)
     try:
-        server.serve_forever()
+        with _measured(args.profile, args.stats):
+            server.serve_forever()
     finally:
         if control is not None:
             control.close()
@@ -146,3 +156,25 @@ def _checker_summary(iommu) -> None:
         return
     level = logging.WARNING if checker.stale else logging.INFO
     logging.getLogger("vfiouser_iommu.iommu.checker").log(level, "%s", checker.summary())
+
+
+@contextlib.contextmanager
+def _measured(profile: Path | None, stats: Path | None):
+    """Profile and/or time what runs inside (docs/performance.md uses both)."""
+    profiler = cProfile.Profile() if profile else None
+    started, times = time.monotonic(), os.times()
+    if profiler:
+        profiler.enable()
+    try:
+        yield
+    finally:
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        if stats:
+            end = os.times()
+            stats.write_text(json.dumps({
+                "wall_seconds": time.monotonic() - started,
+                "user_seconds": end.user - times.user,
+                "system_seconds": end.system - times.system,
+            }))

@@ -265,8 +265,8 @@ def boot_ours(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.s
     `workdir` keeps the sockets, the scratch disk, the DTB and the server log; a
     temporary folder is used (and removed) when it is None. With `reboot`, a guest
     reboot resets the machine (our functions get DEVICE_RESET) instead of ending it.
-    `serve_args` go to `serve` (e.g. `--trace FILE`). The server's control socket is
-    `workdir/sockets/control.sock`.
+    `serve_args` go to `serve` (e.g. `--trace FILE`, `--profile FILE`). The server's
+    control socket is `workdir/sockets/control.sock`.
     """
     from vfiouser_iommu.lab.stack import OurStack
 

@@ -41,7 +41,7 @@ def start_server_process(socket_dir: Path, specs: list[str], *, iommu: str | Non
     `SS.F[,options]`) in a child process of its own session; return it once every
     socket listens. Stop it with SIGTERM (it then exits 0 and removes its sockets).
     Raises StackError if it exits or stays silent instead. `serve_args` are more
-    options for `serve` (e.g. `--trace FILE`)."""
+    options for `serve` (e.g. `--trace FILE`, `--profile FILE`)."""
     argv = [sys.executable, "-m", "vfiouser_iommu", *(["-v"] * verbose), "serve",
             "--socket-dir", str(socket_dir), *(serve_args or [])]
     if iommu is not None:

@@ -459,6 +459,50 @@ class DmaView:
     def write_int(self, addr: int, size: int, value: int) -> None:
         self.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
+    def map_sg(self, buffers: Sequence[tuple[int, int]], *, write: bool,
+               attrs: DmaAttrs | None = None) -> list[memoryview] | None:
+        """Zero-copy views of guest RAM for a scatter-gather list of DMA buffers.
+
+        Translates every (addr, length) buffer, in order, for a read of memory by the
+        device (`write` False: read-only views) or a write into it (`write` True:
+        writable views), and returns memoryviews that cover exactly those bytes, in
+        order; pieces that are adjacent in one mapped region are merged, so there may
+        be fewer views than buffers. Nothing is read or written: the caller moves the
+        data (e.g. `os.preadv` straight into the views), so a fault raises `DmaError`
+        before any byte moves, as `read`/`write` do.
+
+        Returns None when some piece is not plain guest RAM (an MRIF page, or memory
+        only the fallback reaches): the caller then copies through `read_as`/`write_as`.
+        Views stay valid while the mapping does; hold them only for one request.
+        """
+        attrs = self.attrs if attrs is None else attrs
+        memory = self.memory
+        runs: list[list] = []  # [region, offset, length] of each merged run
+        for addr, length in buffers:
+            if length <= 0:
+                continue
+            for gpa, n, special in self.pieces(addr, length, write, attrs):
+                if special is not None:
+                    return None
+                region = memory._find(gpa, n)
+                if region is None:
+                    if memory.fallback is not None and not memory.overlapping(gpa, n):
+                        return None
+                    raise DmaError(addr, length, write, f"guest memory at {gpa:#x}+{n:#x}: "
+                                   "not mapped")
+                if write and not region.writable:
+                    raise DmaError(addr, length, write, "region is read-only")
+                if not write and memory._poison and memory.poisoned(gpa, n):
+                    raise DmaError(addr, length, write, "poisoned data")
+                offset = gpa - region.gpa
+                last = runs[-1] if runs else None
+                if last is not None and last[0] is region and last[1] + last[2] == offset:
+                    last[2] += n
+                else:
+                    runs.append([region, offset, n])
+        views = [region.buffer[off:off + n] for region, off, n in runs]
+        return views if write else [view.toreadonly() for view in views]
+
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
         """`read` for a request that carries `attrs`."""
         if length == 0:

@@ -3,7 +3,9 @@ read-only disks, flush reaching the file, and faulting DMA reported as the spec 
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 
 import pytest
 
@@ -12,6 +14,7 @@ from vfiouser_iommu.endpoints.virtio import VirtioBlk, VirtioPciFunction
 from vfiouser_iommu.endpoints.virtio.blk import (
     SEG_MAX,
     VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -25,6 +28,7 @@ from vfiouser_iommu.endpoints.virtio.layouts import VIRTIO_BLK_REQ, virtio_blk_c
 from vfiouser_iommu.endpoints.virtio.pci import DEVICE_CFG, DEVICE_NEEDS_RESET
 from vfiouser_iommu.endpoints.virtio.testing import FakeHost, VirtioPciDriver
 from vfiouser_iommu.memory import DmaError, DmaView
+from vfiouser_iommu.pci.function import IRQ_MSIX
 
 RAM = 0x8000_0000
 HDR = RAM + 0x10000
@@ -229,3 +233,154 @@ def test_build_from_options(image):
                 {"disk": str(image) + ".missing"}):
         with pytest.raises(ValueError):
             build_endpoint("virtio-blk", bad)
+
+
+# -- how the data moves: zero-copy, off the loop when it could block ------------------------------
+class NoViews(DmaView):
+    """Identity DMA whose buffers are never plain RAM (like MSI pages): bounce copies."""
+
+    def map_sg(self, buffers, *, write, attrs=None):
+        return None
+
+
+def test_reads_go_straight_into_guest_memory(image, monkeypatch):
+    monkeypatch.setattr(os, "pread", None)  # no copy through Python bytes
+    fn, host, drv = make(image)
+    assert request(host, drv, VIRTIO_BLK_T_IN, 3, in_len=2048) == (VIRTIO_BLK_S_OK, 2049)
+    assert drv.mem.read(DATA, 2048) == image.read_bytes()[3 * 512:7 * 512]
+
+
+def test_buffers_outside_plain_ram_are_copied(image):
+    fn, host, drv = make(image)
+    fn.set_dma_view(NoViews(fn.memory))
+    assert request(host, drv, VIRTIO_BLK_T_IN, 1, in_len=1024) == (VIRTIO_BLK_S_OK, 1025)
+    assert drv.mem.read(DATA, 1024) == image.read_bytes()[512:1536]
+    payload = os.urandom(512)
+    assert request(host, drv, VIRTIO_BLK_T_OUT, 9, out=payload) == (VIRTIO_BLK_S_OK, 1)
+    assert request(host, drv, VIRTIO_BLK_T_FLUSH) == (VIRTIO_BLK_S_OK, 1)
+    assert image.read_bytes()[9 * 512:10 * 512] == payload
+
+
+def _blocking_when_nowait(real, served=0):
+    """os.preadv/pwritev that would block with RWF_NOWAIT after `served` bytes."""
+    def call(fd, buffers, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            if not served:
+                raise BlockingIOError
+            first = memoryview(buffers[0])[:served]
+            return real(fd, [first], offset)
+        return real(fd, buffers, offset)
+    return call
+
+
+@pytest.mark.parametrize("served", [0, 512])
+def test_a_read_that_would_block_finishes_in_the_worker(image, monkeypatch, served):
+    threads = []
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        threads.append(threading.current_thread())
+        return _blocking_when_nowait(real, served)(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    fn, host, drv = make(image)
+    assert request(host, drv, VIRTIO_BLK_T_IN, 4, in_len=1536) == (VIRTIO_BLK_S_OK, 1537)
+    assert drv.mem.read(DATA, 1536) == image.read_bytes()[4 * 512:7 * 512]
+    assert threads[0] is threading.main_thread() and threads[-1] is not threads[0]
+
+
+def test_writes_go_to_the_worker_when_the_file_system_cannot_say_no_wait(image, monkeypatch):
+    calls = []
+    real = os.pwritev
+
+    def pwritev(fd, buffers, offset, flags=0):
+        calls.append((threading.current_thread() is threading.main_thread(), flags))
+        if flags & os.RWF_NOWAIT:
+            raise OSError(errno.EOPNOTSUPP, "no")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    fn, host, drv = make(image)
+    for sector in (2, 3):
+        assert request(host, drv, VIRTIO_BLK_T_OUT, sector, out=bytes([sector]) * 512) == \
+            (VIRTIO_BLK_S_OK, 1)
+    # asked once without waiting, refused; every write since went to the worker
+    assert calls == [(True, os.RWF_NOWAIT), (False, 0), (False, 0)]
+    assert image.read_bytes()[1024:1536] == bytes([2]) * 512
+
+
+def test_flush_waits_in_the_worker_for_the_writes_before_it(image, monkeypatch):
+    """A write the worker has not finished when FLUSH arrives is on the file before
+    fdatasync runs (jobs run in order), and FLUSH completes only after fdatasync."""
+    order = []
+    gate = threading.Event()
+    real_pwritev = os.pwritev
+
+    def pwritev(fd, buffers, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            raise BlockingIOError
+        gate.wait(5)
+        order.append("write")
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: order.append("sync"))
+    fn, host, drv = make(image)
+    drv.mem.write(HDR, VIRTIO_BLK_REQ.pack(VIRTIO_BLK_T_OUT, 0, 1))
+    drv.mem.write(DATA, b"w" * 512)
+    drv.mem.write_u8(STATUS, 0xFF)
+    drv.add_chain(0, [(HDR, 16, False), (DATA, 512, False), (STATUS, 1, True)])
+    flush_hdr, flush_status = HDR + 0x40, STATUS + 0x40
+    drv.mem.write(flush_hdr, VIRTIO_BLK_REQ.pack(VIRTIO_BLK_T_FLUSH, 0, 0))
+    drv.mem.write_u8(flush_status, 0xFF)
+    drv.add_chain(0, [(flush_hdr, 16, False), (flush_status, 1, True)])
+    drv.notify(0)
+    host.soon.popleft()()  # one step: both requests are now with the worker
+    assert drv.used_idx(0) == 0 and drv.mem.read_u8(flush_status) == 0xFF
+    gate.set()
+    host.run()
+    assert order == ["write", "sync"]
+    assert drv.used_idx(0) == 2 and drv.mem.read_u8(flush_status) == VIRTIO_BLK_S_OK
+    assert image.read_bytes()[512:1024] == b"w" * 512
+
+
+def test_reset_waits_for_work_in_flight_and_drops_its_completion(image, monkeypatch):
+    gate = threading.Event()
+    monkeypatch.setattr(os, "fdatasync", lambda fd: gate.wait(5))
+    fn, host, drv = make(image)
+    drv.mem.write(HDR, VIRTIO_BLK_REQ.pack(VIRTIO_BLK_T_FLUSH, 0, 0))
+    drv.mem.write_u8(STATUS, 0xFF)
+    drv.add_chain(0, [(HDR, 16, False), (STATUS, 1, True)])
+    drv.notify(0)
+    host.soon.popleft()()
+    assert fn.device.worker.busy
+    threading.Timer(0.2, gate.set).start()
+    drv.set_status(0)  # returns once the flush is done
+    assert not fn.device.worker.busy
+    host.run()
+    assert drv.mem.read_u8(STATUS) == 0xFF and drv.used_idx(0) == 0
+
+
+def test_queues_option_and_multiqueue(image):
+    fn = build_endpoint("virtio-blk", {"disk": str(image), "queues": "2"})
+    fn.memory.add_region(RAM, bytearray(0x80000))
+    host = FakeHost()
+    fn.attach(host)
+    drv = VirtioPciDriver(fn, fn.memory, RAM)
+    assert drv.device_features() >> VIRTIO_BLK_F_MQ & 1
+    cfg = virtio_blk_config.parse(fn.region_read(0, DEVICE_CFG, virtio_blk_config.sizeof()))
+    assert cfg.num_queues == 2 and drv.read("num_queues", 2) == 2
+    assert drv.negotiate()
+    drv.enable_msix()
+    for q in (0, 1):
+        assert drv.setup_queue(q, vector=1 + q) == 1 + q
+    drv.driver_ok()
+    drv.mem.write(HDR, VIRTIO_BLK_REQ.pack(VIRTIO_BLK_T_IN, 0, 0))
+    drv.add_chain(1, [(HDR, 16, False), (DATA, 512, True), (STATUS, 1, True)])
+    drv.notify(1)
+    host.run()
+    assert drv.used(1) == [(0, 513)] and drv.used_idx(0) == 0
+    assert host.irqs == [(IRQ_MSIX, 2)]
+    for bad in ("0", "65", "two"):
+        with pytest.raises(ValueError):
+            build_endpoint("virtio-blk", {"disk": str(image), "queues": bad})

@@ -333,16 +333,36 @@ def test_needs_reset_survives_driver_status_writes(rig):
 
 
 # -- hot path: what one batch costs --------------------------------------------------------------
-class CountingView(DmaView):
-    """Identity DMA that counts reads of one address (the avail ring's idx)."""
+class PerFieldView(DmaView):
+    """Identity DMA with no zero-copy views (as for rings outside plain RAM): every ring
+    field goes through `read`/`write`, which this counts for one watched address."""
 
     def __init__(self, memory, watched: int) -> None:
         super().__init__(memory)
-        self.watched, self.reads = watched, 0
+        self.watched, self.reads, self.writes = watched, 0, 0
+
+    def map_sg(self, buffers, *, write, attrs=None):
+        return None
 
     def read(self, addr: int, length: int) -> bytes:
         self.reads += addr <= self.watched < addr + length
         return super().read(addr, length)
+
+    def write(self, addr: int, data) -> None:
+        self.writes += addr <= self.watched < addr + len(data)
+        super().write(addr, data)
+
+
+class CountingTranslations(DmaView):
+    """Identity DMA that records the start of every range it translates."""
+
+    def __init__(self, memory) -> None:
+        super().__init__(memory)
+        self.translated: list[int] = []
+
+    def pieces(self, addr, length, write, attrs):
+        self.translated.append(addr)
+        return super().pieces(addr, length, write, attrs)
 
 
 @pytest.mark.parametrize("event_idx,reads", [(False, 1), (True, 2)])
@@ -355,11 +375,54 @@ def test_a_batch_reads_avail_idx_once(rig, event_idx, reads):
     ready(drv, features=features)
     for i in range(10):
         drv.add_chain(0, [(DATA + 16 * i, 16, True)])
-    view = CountingView(fn.memory, drv.queues[0].avail + 2)
+    view = PerFieldView(fn.memory, drv.queues[0].avail + 2)
     fn.set_dma_view(view)
     drv.notify(0)
     host.run()
     assert drv.used_idx(0) == 10 and view.reads == reads
+
+
+def test_a_batch_publishes_the_used_index_once(rig):
+    fn, host, drv = rig
+    ready(drv)
+    for i in range(10):
+        drv.add_chain(0, [(DATA + 16 * i, 16, True)])
+    view = PerFieldView(fn.memory, drv.queues[0].used + 2)
+    fn.set_dma_view(view)
+    drv.notify(0)
+    host.run()
+    assert drv.used_idx(0) == 10 and view.writes == 1
+    assert host.irqs == [(IRQ_MSIX, 1)]
+
+
+def test_a_batch_translates_each_ring_area_once(rig):
+    """The descriptor table, driver area and device area are each translated once per
+    step, however many chains it serves; the data buffers once each."""
+    fn, host, drv = rig
+    ready(drv)
+    for i in range(10):
+        drv.add_chain(0, [(DATA + 16 * i, 16, True)])
+    view = CountingTranslations(fn.memory)
+    fn.set_dma_view(view)
+    drv.notify(0)
+    host.run()
+    q = drv.queues[0]
+    assert drv.used_idx(0) == 10
+    assert sorted(view.translated) == sorted([q.desc, q.avail, q.used]
+                                             + [DATA + 16 * i for i in range(10)])
+
+
+def test_rings_accessed_per_field_serve_the_same(rig):
+    fn, host, drv = rig
+    ready(drv)
+    fn.set_dma_view(PerFieldView(fn.memory, 0))
+    for _ in range(3):
+        for i in range(5):
+            drv.add_chain(0, [(DATA + 16 * i, 4 + i, True)])
+        drv.notify(0)
+        host.run()
+    assert drv.used_idx(0) == 15
+    assert drv.used(0)[-5:] == [(10 + i, 4 + i) for i in range(5)]
 
 
 def test_bar0_dispatch_tables_are_built_once(rig, monkeypatch):

@@ -1,7 +1,7 @@
 """virtio devices behind the IOMMU, served as modern virtio-pci functions.
 
 `build_blk`, `build_rng` and `build_net` build them from function-spec options
-(`virtio-blk@SS.F,disk=PATH[,readonly=on]`, `virtio-rng@SS.F`,
+(`virtio-blk@SS.F,disk=PATH[,readonly=on][,queues=N]`, `virtio-rng@SS.F`,
 `virtio-net@SS.F,tap=NAME[,netns=NAME][,mac=XX:XX:XX:XX:XX:XX][,offload=off]`).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .blk import VirtioBlk
+from .blk import DEFAULT_QUEUES, MAX_QUEUES, VirtioBlk
 from .net import MAX_MTU, VirtioNet
 from .pci import VirtioPciFunction
 from .rng import VirtioRng
@@ -20,8 +20,9 @@ _SWITCH = {"on": True, "off": False}
 
 
 def build_blk(options: dict[str, str]) -> VirtioPciFunction:
-    """virtio-blk over the raw image `disk=PATH`; `readonly=on|off` (default off)."""
-    unknown = set(options) - {"disk", "readonly"}
+    """virtio-blk over the raw image `disk=PATH`; `readonly=on|off` (default off);
+    `queues=N` request queues (default 4; Linux uses one per vCPU)."""
+    unknown = set(options) - {"disk", "readonly", "queues"}
     if unknown:
         raise ValueError(f"virtio-blk: unknown options {sorted(unknown)}")
     if not options.get("disk"):
@@ -29,8 +30,11 @@ def build_blk(options: dict[str, str]) -> VirtioPciFunction:
     readonly = _SWITCH.get(options.get("readonly", "off"))
     if readonly is None:
         raise ValueError("virtio-blk: readonly=on|off")
+    queues = options.get("queues", str(DEFAULT_QUEUES))
+    if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
+        raise ValueError(f"virtio-blk: queues=N with N in 1..{MAX_QUEUES}")
     try:
-        device = VirtioBlk(options["disk"], readonly=readonly)
+        device = VirtioBlk(options["disk"], readonly=readonly, queues=int(queues))
     except OSError as e:
         raise ValueError(f"virtio-blk: cannot open {options['disk']}: {e.strerror}") from None
     return VirtioPciFunction(device)

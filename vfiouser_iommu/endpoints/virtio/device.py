@@ -5,9 +5,11 @@ device-specific configuration, and serves one descriptor chain at a time. It nev
 sees the PCI transport; a test drives it with a chain and a `DmaView`.
 
 Most devices complete a chain as soon as they are handed it. A device whose work
-arrives from elsewhere (virtio-net's receive queue waits for packets) keeps the chain
-instead (`handle` returns None) and completes it later through its `DeviceContext`,
-which also lets it watch a file descriptor from the server's event loop.
+arrives from elsewhere (virtio-net's receive queue waits for packets) or finishes
+elsewhere (virtio-blk's disk I/O in a worker thread) keeps the chain instead (`handle`
+returns None) and completes it later through its `DeviceContext`, which also lets it
+watch a file descriptor from the server's event loop and run a callback on the loop
+from another thread.
 """
 
 from __future__ import annotations
@@ -41,23 +43,35 @@ class DeviceContext(Protocol):
         driver as the ring asks; False if the device may not complete anything now (not
         running, or the ring just broke): the device should drop what it keeps."""
 
+    def complete_soon(self, queue: int, head: int, written: int) -> None:
+        """On the loop: return a kept chain, published together with every other one
+        completed before the loop comes back to the transport (one used-index write and
+        at most one notification for the batch). Dropped if the device stopped."""
+
     def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
         """Call `callback` from the event loop whenever `fd` is readable; None stops."""
 
     def call_soon(self, callback: Callable[[], None]) -> None:
-        """Run `callback` from the event loop, after the current work."""
+        """From any thread: run `callback` on the event loop, after the current work."""
 
     def queue_size(self, queue: int) -> int:
         """The size the driver gave `queue` (chains it can hold at once)."""
 
+    def needs_reset(self, why: str) -> None:
+        """On the loop: the device cannot go on until the driver resets it."""
+
 
 class DetachedContext:
-    """The context of a device no transport serves: nothing completes, nothing is watched."""
+    """The context of a device no transport serves: nothing completes, nothing is
+    watched, nothing is called back."""
 
     dma: DmaView | None = None
 
     def complete(self, queue: int, used: list[tuple[int, int]]) -> bool:
         return False
+
+    def complete_soon(self, queue: int, head: int, written: int) -> None:
+        pass
 
     def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
         pass
@@ -67,6 +81,9 @@ class DetachedContext:
 
     def queue_size(self, queue: int) -> int:
         return 0
+
+    def needs_reset(self, why: str) -> None:
+        pass
 
 
 class DeviceNeedsReset(Exception):
@@ -107,7 +124,17 @@ class VirtioDevice(ABC):
         self.driver_features = features
 
     def reset(self) -> None:
+        """Device reset; a device with work in flight finishes it first (`quiesce`)."""
         self.driver_features = 0
+
+    def quiesce(self) -> None:
+        """Wait until no work of ours runs in the background (chains it completes have
+        then been handed to `context.call_soon`)."""
+        return None
+
+    def close(self) -> None:
+        """Release what the device holds (files, threads)."""
+        return None
 
     @abstractmethod
     def handle(self, queue: int, chain: DescriptorChain, dma: DmaView) -> int | None:

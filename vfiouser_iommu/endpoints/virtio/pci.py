@@ -13,7 +13,10 @@ MSI-X table and PBA, with one vector for configuration changes and one per queue
 
 No legacy interface: device ID 0x1040 + virtio device ID, revision 1. A queue notify
 is a posted write; the queues are served later from the event loop, at most
-`STEP_BUDGET` chains per queue per step, so one notify never stalls the loop.
+`STEP_BUDGET` chains per queue per step, so one notify never stalls the loop. Chains a
+device completes later (`VirtioDevice.handle` returned None) come back through
+`complete`/`complete_soon`. Each step publishes what it completed with one used-index
+write and at most one interrupt per queue (virtqueue.py, `Rings`).
 
 Choices where the spec leaves one (docs/virtio.md has the list):
 - FEATURES_OK is refused unless the driver accepts VIRTIO_F_VERSION_1 and
@@ -56,7 +59,7 @@ from .layouts import (
     virtio_pci_common_cfg,
     virtio_pci_notify_cap,
 )
-from .virtqueue import VIRTIO_MSI_NO_VECTOR, SplitVirtqueue, VirtqueueError
+from .virtqueue import VIRTIO_MSI_NO_VECTOR, Rings, SplitVirtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,9 @@ class VirtioPciFunction(PciFunction):
         self.device = device
         self.queues = [SplitVirtqueue(i, device.queue_max_size)
                        for i in range(device.num_queues)]
+        # chains the device completed later, per queue, not yet in the used ring
+        self._done: list[list[tuple[int, int]]] = [[] for _ in self.queues]
+        self._publishing = False
         vectors = 1 + device.num_queues
         super().__init__(
             PciIdentity(VIRTIO_PCI_VENDOR_ID, VIRTIO_PCI_MODERN_DEVICE_ID_BASE + device.device_id,
@@ -131,7 +137,14 @@ class VirtioPciFunction(PciFunction):
 
     # -- state -------------------------------------------------------------------------------
     def on_reset(self) -> None:
-        """Device reset (section 2.4): a status write of 0, or a function-level reset."""
+        """Device reset (section 2.4): a status write of 0, or a function-level reset.
+
+        Work the device still has in flight finishes first (its DMA must not land
+        after the reset); its completions are then dropped.
+        """
+        self.device.quiesce()
+        for done in self._done:
+            done.clear()
         self.status = 0
         self.device_feature_select = 0
         self.driver_feature_select = 0
@@ -148,6 +161,10 @@ class VirtioPciFunction(PciFunction):
     def on_disconnect(self) -> None:
         """The client left with its mappings: a reconnecting driver starts from reset."""
         self.on_reset()
+
+    def on_dma_unmap(self, gpa: int, size: int) -> None:
+        """Guest memory goes away: I/O in flight into it (a worker's views) ends first."""
+        self.device.quiesce()
 
     @property
     def device_features(self) -> int:
@@ -327,47 +344,83 @@ class VirtioPciFunction(PciFunction):
             self._kick()
 
     def _serve(self, vq: SplitVirtqueue) -> bool:
-        old_used = vq.used_idx
+        """One step of `vq`: take what is available, publish what completed."""
         event_idx = self._negotiated(VIRTIO_F_EVENT_IDX)
         indirect = self._negotiated(VIRTIO_F_INDIRECT_DESC)
+        dma, handle, index = self.dma, self.device.handle, vq.index
+        done = self._done[index]
         try:
-            for _ in range(min(vq.pending(self.dma), STEP_BUDGET)):
-                chain = vq.pop(self.dma, indirect=indirect)
-                written = self.device.handle(vq.index, chain, self.dma)
+            rings = vq.rings(dma, event_idx=event_idx)
+            for _ in range(min(rings.pending(), STEP_BUDGET)):
+                chain = rings.pop(indirect)
+                written = handle(index, chain, dma)
                 if written is not None:
-                    vq.push(self.dma, chain.head, written)
+                    done.append((chain.head, written))
             if event_idx:
-                vq.set_avail_event(self.dma)
+                rings.set_avail_event()
                 # A chain published before the driver saw the new avail_event was not
                 # notified (section 2.7.10): look again.
-                more = vq.pending(self.dma) > 0
+                more = rings.pending() > 0
             else:
                 # Without EVENT_IDX every later chain comes with a notification.
                 more = vq.known_pending > 0
-            if vq.needs_interrupt(self.dma, old_used, event_idx=event_idx):
-                self._interrupt(vq.msix_vector, ISR_QUEUE)
+            self._publish(vq, rings)
         except (DmaError, VirtqueueError, DeviceNeedsReset) as e:
             self.needs_reset(f"queue {vq.index}: {e}")
             return False
         return more
 
+    def _publish(self, vq: SplitVirtqueue, rings: Rings) -> None:
+        """Put the queue's completed chains in the used ring, publish, interrupt once."""
+        done = self._done[vq.index]
+        if not done:
+            return
+        old_used = vq.used_idx
+        for head, written in done:
+            rings.push(head, written)
+        done.clear()
+        rings.publish()
+        if rings.needs_interrupt(old_used):
+            self._interrupt(vq.msix_vector, ISR_QUEUE)
+
     # -- DeviceContext: chains a device kept, and the file descriptors it watches ------------
     def complete(self, queue: int, used: list[tuple[int, int]]) -> bool:
         """Push chains the device kept back then, published together (one used.idx
-        write); one notification for the batch."""
+        write after all their elements, so a frame spread over several chains is never
+        seen in part); one notification for the batch."""
         vq = self.queues[queue]
         if not (self.running and vq.enabled):
             return False
-        old_used = vq.used_idx
+        self._done[queue].extend(used)
         try:
-            vq.push_batch(self.dma, used)
-            if vq.needs_interrupt(self.dma, old_used,
-                                  event_idx=self._negotiated(VIRTIO_F_EVENT_IDX)):
-                self._interrupt(vq.msix_vector, ISR_QUEUE)
+            self._publish(vq, vq.rings(self.dma, event_idx=self._negotiated(VIRTIO_F_EVENT_IDX)))
         except DmaError as e:
             self.needs_reset(f"queue {queue}: {e}")
             return False
         return True
+
+    def complete_soon(self, queue: int, head: int, written: int) -> None:
+        """On the loop: the device finished chain `head`; published with the others
+        that complete before the loop comes back to us."""
+        if not (self.running and self.queues[queue].enabled):
+            return
+        self._done[queue].append((head, written))
+        if not self._publishing:
+            self._publishing = True
+            self.host.call_soon(self._publish_completed)
+
+    def _publish_completed(self) -> None:
+        self._publishing = False
+        if not self.running:
+            return
+        event_idx = self._negotiated(VIRTIO_F_EVENT_IDX)
+        for vq in self.queues:
+            if self._done[vq.index]:
+                try:
+                    self._publish(vq, vq.rings(self.dma, event_idx=event_idx))
+                except DmaError as e:
+                    self.needs_reset(f"queue {vq.index}: {e}")
+                    return
 
     def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
         self.host.watch_fd(fd, callback)

@@ -33,19 +33,27 @@ RING_AREA = 0x4000  # bytes of guest memory per queue: descriptors, avail, used
 
 class FakeHost:
     """Records every interrupt; `run` executes what the function deferred and, like the
-    server's loop, calls the callbacks of watched file descriptors that are readable."""
+    server's loop, calls the callbacks of watched file descriptors that are readable;
+    it also waits for the background work of the devices it `waits_for` (their worker
+    threads)."""
 
     def __init__(self) -> None:
         self.irqs: list[tuple[int, int]] = []
         self.soon: deque[Callable[[], None]] = deque()
         self.watched: dict[int, Callable[[], None]] = {}
+        self._quiesce: list[Callable[[], None]] = []
 
     def trigger(self, irq_index: int, vector: int) -> bool:
         self.irqs.append((irq_index, vector))
         return True
 
     def call_soon(self, callback: Callable[[], None]) -> None:
-        self.soon.append(callback)
+        self.soon.append(callback)  # deque.append is atomic: worker threads may call it
+
+    def wait_for(self, quiesce: Callable[[], None]) -> None:
+        """`run` waits on `quiesce()` before it decides nothing is left to run."""
+        if quiesce not in self._quiesce:
+            self._quiesce.append(quiesce)
 
     def watch_fd(self, fd: int, callback: Callable[[], None] | None) -> None:
         if callback is None:
@@ -60,10 +68,13 @@ class FakeHost:
         return select.select(list(self.watched), [], [], 0)[0]
 
     def run(self, limit: int = 10_000) -> int:
-        """Run deferred callbacks and readable fds' callbacks until neither is left (or
-        `limit` calls); how many ran."""
+        """Run deferred callbacks, readable fds' callbacks and what background work
+        hands back until none is left (or `limit` calls); how many ran."""
         ran = 0
         while ran < limit:
+            if not self.soon:
+                for quiesce in self._quiesce:
+                    quiesce()
             if self.soon:
                 self.soon.popleft()()
             else:
@@ -93,6 +104,8 @@ class VirtioPciDriver:
         self.mem = mem
         self.base = base
         self.queues: dict[int, QueueLayout] = {}
+        if isinstance(getattr(function, "host", None), FakeHost):
+            function.host.wait_for(function.device.quiesce)
 
     # -- registers ---------------------------------------------------------------------------
     def read(self, field: str, size: int) -> int:

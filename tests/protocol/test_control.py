@@ -19,6 +19,7 @@ from iommu_tables import LEAF_RW  # on the path through control_stack
 from vfiouser_iommu.control.client import ControlError
 from vfiouser_iommu.control.server import MAX_CLIENTS, MAX_LINE, OUTPUT_LIMIT
 from vfiouser_iommu.endpoints import testdev
+from vfiouser_iommu.iommu.regs_layouts import CMD_IOFENCE, CMD_IOTINVAL
 
 
 @pytest.fixture
@@ -155,6 +156,16 @@ def test_stats_faults_and_commands(stack):
             IOVA + 0x1000
         assert faults["queue"]["csr_fields"]["fqon"] == 1 and faults["queue"]["tail"] == 1
         assert c.execute("query-commands")["commands"] == []
+    stack.submit(CMD_IOTINVAL.encode(opcode=1, func3=0),          # removes the IOTLB entry
+                 CMD_IOTINVAL.encode(opcode=1, func3=0),          # removes nothing
+                 CMD_IOFENCE.encode(opcode=2, func3=0, PR=1, PW=1))
+    with stack.connect() as c:
+        stats = c.execute("query-stats")["commands"]
+        assert stats["IOTINVAL.VMA"] == {"count": 2, "removed": 1, "removed_nothing": 1}
+        assert stats["IOFENCE.C"] == {"count": 1}
+        commands = c.execute("query-commands")["commands"]
+        assert [(x["name"], x["removed"], x["outcome"]) for x in commands] == [
+            ("IOTINVAL.VMA", 1, "done"), ("IOTINVAL.VMA", 0, "done"), ("IOFENCE.C", None, "done")]
 
 
 def test_set_mode_and_the_checker_with_events(stack):

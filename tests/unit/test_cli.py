@@ -133,3 +133,26 @@ def test_parse_module_option(tmp_path):
 
 def test_lab_provision_kbuild_option():
     assert str(parse("lab", "provision", "--kbuild", "/k/build").kbuild) == "/k/build"
+
+
+def test_keep_running_script_reports_then_idles(tmp_path, capsys):
+    import signal
+
+    from vfiouser_iommu.cli.lab import _keep_running
+    from vfiouser_iommu.lab.boot import KEEP_RUNNING_MARK
+    from vfiouser_iommu.lab.initramfs import parse_console
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        script, workdir, on_line = _keep_running("pass one\n", tmp_path)
+        assert script.startswith("pass one\n") and script.rstrip().endswith("done")
+        assert f'echo "{KEEP_RUNNING_MARK}"' in script
+        # The verdict comes before the idling (the init's own @@DONE never does).
+        assert parse_console(["@@RESULT one pass", "@@DONE 0"]).passed
+        on_line("unrelated")
+        assert capsys.readouterr().out == ""
+        on_line(KEEP_RUNNING_MARK)
+        assert str(tmp_path.resolve() / "sockets" / "control.sock") in capsys.readouterr().out
+        assert signal.getsignal(signal.SIGTERM) is not previous   # SIGTERM stops cleanly
+    finally:
+        signal.signal(signal.SIGTERM, previous)

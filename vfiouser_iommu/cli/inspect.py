@@ -365,9 +365,9 @@ def show_stats(s: dict) -> str:
                                 "iotlb miss", "dc walks", "faults", "hit ratio"]))
     if s.get("commands"):
         out.append("\ncommands: " + ", ".join(
-            f"{k} {v.get('count', 0)} (removed {v.get('removed', 0)}"
-            + (f", {v['removed_nothing']} removed nothing" if "removed_nothing" in v else "")
-            + ")" for k, v in s["commands"].items()))
+            f"{k} {v.get('count', 0)}" + (
+                f" (removed {v['removed']} entries; {v['removed_nothing']} removed nothing)"
+                if "removed" in v else "") for k, v in s["commands"].items()))
     if s.get("faults"):
         out.append("faults: " + ", ".join(f"{k} {v['name']} x{v['count']}"
                                           for k, v in s["faults"].items()))

@@ -40,6 +40,7 @@ from vfiouser_iommu.iommu.request import Access, Request
 from vfiouser_iommu.iommu.steps import StepRecorder
 
 MAX_LIST = 4096
+_INVALIDATIONS = ("IOTINVAL.VMA", "IOTINVAL.GVMA", "IODIR.INVAL_DDT", "IODIR.INVAL_PDT")
 _ACCESS = {"read": Access.READ, "r": Access.READ, "write": Access.WRITE, "w": Access.WRITE,
            "execute": Access.EXECUTE, "x": Access.EXECUTE}
 #: Register name -> layout that decodes it (numbered registers by their prefix).
@@ -294,12 +295,13 @@ class ControlContext:
         out["endpoints"] = endpoints
         out["caches"] = {"hits": dict(iommu.caches.stats.hits),
                          "misses": dict(iommu.caches.stats.misses)}
-        out["commands"] = {name: {"count": n, "removed": observer.command_removed[name]}
-                           for name, n in sorted(observer.commands.items())}
+        out["commands"] = {}
+        for name, n in sorted(observer.commands.items()):
+            out["commands"][name] = {"count": n}
+            if name in _INVALIDATIONS:
+                out["commands"][name].update(removed=observer.command_removed[name],
+                                             removed_nothing=observer.removed_nothing[name])
         checker = iommu.checker
-        if checker is not None:
-            for name, n in checker.removed_nothing.items():
-                out["commands"].setdefault(name, {})["removed_nothing"] = n
         out["faults"] = {str(c): {"name": cause_name(c), "count": n}
                          for c, n in sorted(observer.fault_causes.items())}
         out["interrupts"] = {str(v): n for v, n in sorted(observer.interrupts.items())}

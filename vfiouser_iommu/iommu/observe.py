@@ -60,6 +60,7 @@ class Observer:
         self.interrupts: Counter = Counter()
         self.commands: Counter = Counter()
         self.command_removed: Counter = Counter()
+        self.removed_nothing: Counter = Counter()   # invalidations that removed nothing
         self.listeners: list[Listener] = []
         self._chain_report_fault()
         self._chain_raise_irq()
@@ -109,6 +110,8 @@ class Observer:
         self.commands[name] += 1
         if record.removed is not None:
             self.command_removed[name] += record.removed
+            if not record.removed:
+                self.removed_nothing[name] += 1
         if self.listeners:
             self.emit("COMMAND", command_dict(record))
 

@@ -4,7 +4,9 @@ The same guest and `iobench` reads as test_bench_guest.py, on our stack only, in
 run, alternating configurations (twice each, the better of two kept, since the machine
 is shared):
 
-- default: nothing on (the control socket is always served);
+- default: nothing on (the control socket is always served), the C fast path;
+- default, pure Python (VFIOUSER_IOMMU_PURE=1): the reference path every mode below
+  but --trace runs on, for the modes' own share of their cost;
 - check=on: the invalidation checker re-reads every cached structure it uses;
 - --trace: the trace-event file (commands, faults, interrupts, counters);
 - strictest: check=on,cache=max,negative=on plus --trace.
@@ -20,6 +22,7 @@ Run: .venv/bin/python -m pytest tests/bench/test_bench_introspection.py -s -m be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -32,10 +35,11 @@ from vfiouser_iommu.lab.tools import guest_tool
 
 pytestmark = pytest.mark.bench
 
-SEQ_BYTES = 256 << 20
-RAND_OPS = 3000
-DISK = 300 << 20
-ROUNDS = 2
+SEQ_BYTES = 128 << 20
+RAND_OPS = 1500
+DISK = 160 << 20
+# More rounds for a quieter estimate: VFIOUSER_IOMMU_BENCH_ROUNDS=5.
+ROUNDS = int(os.environ.get("VFIOUSER_IOMMU_BENCH_ROUNDS", "2"))
 SCRIPT = f"""
 echo "@@MARK start"
 /bin/iobench seq /dev/vda 1048576 {SEQ_BYTES}
@@ -45,11 +49,13 @@ echo "@@MARK rand"
 pass iobench done
 """
 BENCH_RE = re.compile(r"@@BENCH (\w+) block=(\d+) ops=(\d+) bytes=(\d+) ns=(\d+)")
-CONFIGS = {
-    "default": ("", False),
-    "check=on": ("check=on", False),
-    "--trace": ("", True),
-    "check=on,cache=max,negative=on + --trace": ("check=on,cache=max,negative=on", True),
+CONFIGS = {  # name: (--iommu options, --trace, pure Python)
+    "default": ("", False, False),
+    "default, pure Python": ("", False, True),
+    "check=on": ("check=on", False, False),
+    "--trace": ("", True, False),
+    "check=on,cache=max,negative=on + --trace": ("check=on,cache=max,negative=on", True,
+                                                 False),
 }
 
 
@@ -62,6 +68,21 @@ def _io(run) -> dict[str, float]:
             seconds = int(ns) / 1e9
             found[mode] = int(nbytes) / seconds / 1e6 if mode == "seq" else int(ops) / seconds
     return found
+
+
+@contextlib.contextmanager
+def _pure_python(on: bool):
+    """The server (a child process) without the C fast path when `on`."""
+    old = os.environ.get("VFIOUSER_IOMMU_PURE")
+    if on:
+        os.environ["VFIOUSER_IOMMU_PURE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VFIOUSER_IOMMU_PURE", None)
+        else:
+            os.environ["VFIOUSER_IOMMU_PURE"] = old
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -95,14 +116,15 @@ def test_introspection_overhead_on_guest_io(lab, tmp_path):
     tool = {"bin/iobench": guest_tool(lab, "iobench").read_bytes()}
     best: dict[str, dict[str, float]] = {name: {} for name in CONFIGS}
     for round_ in range(ROUNDS):
-        for name, (options, trace) in CONFIGS.items():
+        for name, (options, trace, pure) in CONFIGS.items():
             workdir = tmp_path / f"{round_}-{len(best[name])}-{abs(hash(name))}"
             serve_args = ["--trace", str(workdir / "trace.json")] if trace else []
             cpu = ServerCpu(workdir / "sockets" / "control.sock")
-            run = boot_ours(lab, SCRIPT, 600, echo=None, verbose=0, disk_size=DISK,
-                            files=tool, workdir=workdir,
-                            topology=Topology(iommu_options=options),
-                            serve_args=serve_args, on_line=cpu.on_line)
+            with _pure_python(pure):
+                run = boot_ours(lab, SCRIPT, 600, echo=None, verbose=0, disk_size=DISK,
+                                files=tool, workdir=workdir,
+                                topology=Topology(iommu_options=options),
+                                serve_args=serve_args, on_line=cpu.on_line)
             assert run.verdict.passed, run.verdict.summary() + "\n" + \
                 "\n".join(run.console[-20:])
             io = _io(run)

@@ -192,15 +192,54 @@ def test_svpbmt_off_lets_the_driver_allocate(sv57):
     assert check(sv57, "paging-domain-alloc")["svpbmt"] == "0"
 
 
-@pytest.mark.parametrize("options,mode", [("svpbmt=off,sv57=off", "sv48"),
-                                          ("svpbmt=off,sv57=off,sv48=off", "sv39")])
-def test_first_stage_sv48_and_sv39(lab, test_module, tmp_path, options, mode):
-    run = boot_kmod(lab, test_module, tmp_path, f"{mode} (paging)", options, "paging")
+@pytest.fixture(scope="module")
+def sv39_negative(lab, test_module, tmp_path_factory):
+    return boot_kmod(lab, test_module, tmp_path_factory.mktemp("sv39"), "sv39 (paging, "
+                     "check=on,cache=max,negative=on)",
+                     "svpbmt=off,sv57=off,sv48=off,check=on,cache=max,negative=on", "paging")
+
+
+def test_first_stage_sv48_with_the_invalidation_checker(lab, test_module, tmp_path):
+    """The Sv48 boot also runs the invalidation checker with every cache at its largest:
+    Linux's own map/unmap/remap flows (every page size, S and NL aside) use no stale
+    entry."""
+    run = boot_kmod(lab, test_module, tmp_path, "sv48 (paging, check=on,cache=max)",
+                    "svpbmt=off,sv57=off,check=on,cache=max", "paging")
     assert run.verdict.passed, explain(run)
-    assert check(run, "paging-attach")["mode"] == mode
+    assert check(run, "paging-attach")["mode"] == "sv48"
     for name in ("4k", "64k", "2m", "1g", "top"):
         check(run, f"map-{name}")
         check(run, f"unmap-{name}")
+    assert "invalidation checker: 0 distinct stale use(s)" in run.server_log, explain(run)
+
+
+def test_first_stage_sv39(sv39_negative):
+    run = sv39_negative
+    assert check(run, "paging-attach")["mode"] == "sv39"
+    for name in ("4k", "64k", "2m", "1g", "top"):
+        check(run, f"map-{name}")
+        check(run, f"unmap-{name}")
+    check(run, "remap-table-as-2m")
+
+
+def test_negative_caching_catches_linux_mapping_a_faulted_iova_without_invalidating(
+        sv39_negative):
+    """negative=on (a deliberate deviation: V=0 PTEs cached until invalidated). Linux maps
+    pages without any invalidation, as the spec lets it (no iotlb_sync_map), so the
+    module's remap of an IOVA whose DMA just faulted still faults here, and the checker
+    names the cached V=0 PTE and the invalidation it would need. Everything else passes."""
+    run = sv39_negative
+    failed = [r.name for r in run.verdict.results if not r.passed]
+    assert failed == ["kmod-remap-4k"], explain(run)
+    assert fields(results(run)["kmod-remap-4k"].detail)["write"] == "0xdead0002"
+    iova = fields(results(run)["kmod-remap-4k"].detail)["iova"]
+    stale = [line for line in run.server_log.splitlines()
+             if "WARNING: stale use of" in line]                # not the summary's copy
+    assert len(stale) == 1, explain(run)
+    assert "invalidation checker: 1 distinct stale use(s)" in run.server_log
+    assert "first-stage PTE (level 0, V=0)" in stale[0]
+    assert "is cached as not valid (V=0) but memory now holds a valid one" in stale[0]
+    assert f"missing IOTINVAL.VMA GV=0 PSCV=1 PSCID=0x1 AV=1 ADDR={iova}" in stale[0]
 
 
 def test_svpbmt_advertised_makes_linux_7_2_fail_paging_domains(lab, test_module, tmp_path):

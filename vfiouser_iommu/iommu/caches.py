@@ -13,8 +13,7 @@ and each first-stage table page reached through the G-stage), so IOTINVAL.GVMA w
 address drops every combined entry whose translation depended on that GPA.
 
 Cache modes (docs/introspection.md): `spec` (the default, bounded LRU caches), `max`
-(unbounded, never evicting, and leaf translations fractured into 4 KiB entries, so that
-an IOTINVAL only ever removes the 4 KiB pages it names) and `none` (nothing cached).
+(unbounded, never evicting) and `none` (nothing cached).
 `negative` holds invalid (V=0) results when negative caching is on (a deliberate
 deviation: the spec forbids caching V=0 entries); it is looked at only on a miss. Every
 invalidation returns how many entries it removed.
@@ -24,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 PAGE = 4096
 #: Cache modes (`TranslationCaches.configure`).
@@ -83,12 +82,6 @@ class TlbEntry:
         return any(base < gpa + size and gpa < base + length
                    for base, length in self.g_leaves)
 
-    def fragment(self, va: int) -> TlbEntry:
-        """The 4 KiB piece of this entry that holds `va` (cache mode `max`)."""
-        offset = (va & ~(PAGE - 1)) - self.va_base
-        return replace(self, va_base=self.va_base + offset, size=PAGE,
-                       out_base=self.out_base + offset,
-                       gpa_base=None if self.gpa_base is None else self.gpa_base + offset)
 
 
 class Tlb:
@@ -100,7 +93,6 @@ class Tlb:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.fracture = False  # cache mode `max`: keep 4 KiB pieces of larger leaves
         self.entries: OrderedDict = OrderedDict()
         self.shifts: Counter = Counter()
 
@@ -116,12 +108,9 @@ class Tlb:
                 return entry
         return None
 
-    def insert(self, space: tuple, entry: TlbEntry, va: int | None = None) -> None:
-        """Cache `entry`; with `fracture` only its 4 KiB piece holding `va`."""
+    def insert(self, space: tuple, entry: TlbEntry) -> None:
         if self.limit <= 0:
             return
-        if self.fracture and entry.size > PAGE and va is not None:
-            entry = entry.fragment(va)
         shift = entry.size.bit_length() - 1
         key = (space, shift, entry.va_base >> shift)
         if key not in self.entries:
@@ -270,10 +259,7 @@ class TranslationCaches:
         self.ddt, self.pdt = lru("ddt", limits[0]), lru("pdt", limits[1])
         self.msi = lru("msi", limits[4])
         self.iotlb, self.gtlb = tlb("iotlb", limits[2]), tlb("gtlb", limits[3])
-        self.iotlb.fracture = self.gtlb.fracture = mode == "max"
         self.negative = NegativeCaches(*limits) if negative and mode != "none" else None
-        if self.negative is not None:
-            self.negative.iotlb.fracture = self.negative.gtlb.fracture = mode == "max"
 
     def clear(self) -> None:
         for cache in (self.ddt, self.pdt, self.iotlb, self.gtlb, self.msi):

@@ -44,7 +44,7 @@ from vfiouser_iommu.iommu.caches import (
 from vfiouser_iommu.iommu.directory import BARE, DeviceContext, ProcessContext
 from vfiouser_iommu.iommu.regs_layouts import CMD_IODIR, CMD_IOTINVAL, COMMAND
 from vfiouser_iommu.iommu.steps import Source, Step, StepRecorder
-from vfiouser_iommu.iommu.walk import LEAF, PTE_A, PTE_D
+from vfiouser_iommu.iommu.walk import LEAF, NEXT, PTE_A, PTE_D
 from vfiouser_iommu.memory import MemoryAccessError
 
 log = logging.getLogger(__name__)
@@ -456,11 +456,14 @@ class InvalidationChecker:
 def _level(step: Step) -> str:
     if step.structure not in _PTE_STRUCTURES:
         return ""
-    if step.decision != LEAF:
+    if step.decision == NEXT:
         return f" (level {step.level} non-leaf)"
+    if step.decision != LEAF:
+        return f" (level {step.level}, {step.decision})"
     if step.level:
-        return (f" (level {step.level} leaf: a superpage, which this IOMMU may cache "
-                "per 4 KiB page)")
+        size = 1 << (12 + step.level * (10 if step.size == 4 else 9))
+        unit = ("GiB", 30) if size >= 1 << 30 else ("MiB", 20)
+        return f" (level {step.level} leaf: a {size >> unit[1]} {unit[0]} superpage)"
     return " (level 0 leaf)"
 
 

@@ -433,7 +433,7 @@ class RiscvIommu:
             (gs_leaf.pbmt if gs_leaf is not None else 0),
             gpa - offset if gs_leaf is not None else None, tuple(ctx.g_leaves),
             rec.source(mark, ctx) if rec is not None else None)
-        self.caches.iotlb.insert(space, entry, iova)
+        self.caches.iotlb.insert(space, entry)
         return _translation(entry, iova)
 
     # -- stages -----------------------------------------------------------------------------
@@ -510,7 +510,7 @@ class RiscvIommu:
             self.caches.gtlb.insert(space, TlbEntry(
                 ctx.gscid, None, gpa & ~(leaf.size - 1), leaf.size, leaf.out_base, None,
                 leaf.flags, leaf.pbmt, gpa & ~(leaf.size - 1), (),
-                rec.source(mark) if rec is not None else None), gpa)
+                rec.source(mark) if rec is not None else None))
             if rec is not None:
                 rec.g_leaf(gpa, leaf, None)
         ctx.g_leaves.append((gpa & ~(leaf.size - 1), leaf.size))

@@ -79,7 +79,7 @@ def negative_fill(iommu: RiscvIommu, kind: str, key, ctx, source,
     base = address & ~(size - 1)
     if kind == "iotlb":
         entry = TlbEntry(ctx.gscid, ctx.pscid, base, size, 0, 0, None, 0, None, (), source)
-        negative.iotlb.insert((ctx.gscid, ctx.pscid), entry, address)
+        negative.iotlb.insert((ctx.gscid, ctx.pscid), entry)
     else:
         entry = TlbEntry(ctx.gscid, None, base, size, 0, None, 0, 0, base, (), source)
-        negative.gtlb.insert((ctx.gscid,), entry, address)
+        negative.gtlb.insert((ctx.gscid,), entry)

@@ -16,13 +16,14 @@ PYTEST := $(BIN)/python -m pytest
 # (tests/unit/conftest.py); the qtest layer runs a second time with pure Python servers.
 QTEST_PURE := VFIOUSER_IOMMU_PURE=1 $(PYTEST) tests/qtest -q
 
-.PHONY: demo test lab deps venv lint unit protocol qtest guest bench fuzz-fastpath profile clean
+.PHONY: demo test lab deps venv lint unit protocol qtest guest bench fuzz-fastpath profile \
+        clean fuzz stress
 
 demo: lab
 	$(BIN)/vfiouser-iommu lab boot --server-log
 
 test: lab lint
-	$(PYTEST) tests/unit tests/protocol tests/qtest tests/guest
+	$(PYTEST) tests/unit tests/protocol tests/fuzz tests/qtest tests/guest
 	$(QTEST_PURE)
 	$(PYTEST) tests/bench -m bench -s -q
 
@@ -53,8 +54,9 @@ lint: venv
 
 unit: venv
 	$(PYTEST) tests/unit
+# The fuzzers' short CI pass (tests/fuzz) runs with the protocol layer.
 protocol: venv
-	$(PYTEST) tests/protocol
+	$(PYTEST) tests/protocol tests/fuzz
 qtest: lab
 	$(PYTEST) tests/qtest
 	$(QTEST_PURE)
@@ -68,6 +70,21 @@ fuzz-fastpath: venv
 # Where the server's time goes per guest I/O request (docs/performance.md); minutes.
 profile: lab
 	$(BIN)/python tests/bench/profile_guest_io.py
+
+# Coverage-guided fuzzing (tests/fuzz, docs/robustness.md): every target for
+# FUZZ_SECONDS each, or FUZZ_RUNS inputs each; FUZZ_TARGETS=a,b picks targets. The
+# working corpora and any crash inputs stay in build/fuzz.
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(BIN)/python tests/fuzz/run_fuzz.py --workdir build/fuzz \
+	    $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS),--seconds $(FUZZ_SECONDS)) \
+	    $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
+
+# QEMU killed and replaced STRESS_ROUNDS times under one server, with fd/VMA/RSS
+# checks (tests/guest/test_client_death.py; CI runs 3 rounds).
+STRESS_ROUNDS ?= 20
+stress: lab
+	STRESS_ROUNDS=$(STRESS_ROUNDS) $(PYTEST) tests/guest/test_client_death.py -s
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache vfiouser_iommu/_fastpath*.so

@@ -40,7 +40,8 @@ setup(
         "junitparser>=3",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff"],
+        # atheris and coverage: the fuzzers (tests/fuzz) and their coverage numbers.
+        "test": ["pytest>=7", "hypothesis>=6", "ruff", "atheris>=2.3", "coverage>=7"],
     },
     entry_points={"console_scripts": ["vfiouser-iommu=vfiouser_iommu.cli:main"]},
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import selectors
+import signal
 import subprocess
 import time
 from collections import deque
@@ -78,6 +79,12 @@ class QTest:
         self._proc = None
         if self.stderr_path is not None:
             self.stderr_path.unlink(missing_ok=True)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to QEMU (a crash, for tests of client death); `stop` still cleans up."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, sig)
+            self._proc.wait(timeout=30)
 
     def __enter__(self) -> QTest:
         return self.start()

@@ -34,7 +34,7 @@ from vfiouser_iommu.vfio_user.wire import Command, PciIrq  # noqa: E402
 C = Command
 RW = wire.DMA_MAP_READ | wire.DMA_MAP_WRITE
 MEMFD, EVENTFD = FD_KINDS.index("memfd"), FD_KINDS.index("eventfd")
-IOMMU, TESTDEV, BLK, RNG = range(4)
+IOMMU, TESTDEV, BLK, RNG, TESTDEV_ALONE = range(5)
 
 
 def msg(cmd: int, payload: bytes = b"", *, fds=(), control: int = 0, msg_id: int = 1) -> Message:
@@ -178,6 +178,14 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "testdev-realize-dma": encode(TESTDEV, realize(TESTDEV, 0x48) + testdev_dma()),
         "blk-realize-init": encode(BLK, realize(BLK, 0x40) + virtio_init()),
         "rng-realize-init": encode(RNG, realize(RNG, 0x40) + virtio_init()),
+        "dma-messages": encode(TESTDEV_ALONE, realize(TESTDEV_ALONE, 0x48) + [
+            region_write(0, 0x04, u32(0x2800_0000)), region_write(0, 0x0C, u32(64)),
+            region_write(0, 0x2C, u32(1 << 31)), region_write(0, 0x14, u32(1)),
+            region_read(0, 0x00, 4),
+            region_write(0, 0x28, u32(1 << 1)), region_write(0, 0x14, u32(1)),
+            region_read(0, 0x00, 4), region_read(0, 0x10, 4)]),
+        "slow-reader": encode(BLK, [Message(0x80, C.REGION_READ, i, wire.REGION_ACCESS.pack(
+            0, 0, 0x4000)) for i in range(16)]),
         "split-and-garbage": encode(TESTDEV, [
             Message(CONTROL_SPLIT, C.DEVICE_GET_INFO, 7, wire.DEVICE_INFO.pack(16, 0, 0, 0)),
             Message(CONTROL_RAW, 0, 0, wire.pack_header(9, C.REGION_READ, 1 << 24, 0)),

@@ -2,7 +2,9 @@
 
 The server runs in this thread (no loop thread: each input is deterministic) with the
 functions `serve --iommu 01.0 --endpoint iommu-testdev@02.0 --endpoint
-virtio-blk@03.0,disk=... --endpoint virtio-rng@04.0` builds, each on its real listening
+virtio-blk@03.0,disk=... --endpoint virtio-rng@04.0` builds, plus an iommu-testdev at
+05.0 outside the IOMMU (as `serve` without --iommu has them: its DMA outside the maps
+becomes DMA_WRITE/DMA_READ messages on its own connection), each on its real listening
 socket. An input connects a fresh client to one function over a real AF_UNIX stream,
 sends it messages, then disconnects.
 
@@ -13,7 +15,8 @@ Input format (invertible, so the seed corpus is written by `encode`):
     then messages, each:
       byte  control: bit 0 NO_REPLY, bit 1 raw (the payload bytes go out as they are,
             framing and all), bits 2-4 number of fds, bit 5 send in small pieces,
-            bit 6 REPLY type instead of COMMAND
+            bit 6 REPLY type instead of COMMAND, bit 7 read no reply until the
+            message is sent (a client slow to read: the server's output backs up)
       byte  command (ignored by per-command targets, which set their own)
       u16   msg id
       u16   payload length (cut to what is left of the input)
@@ -51,9 +54,10 @@ from vfiouser_iommu.vfio_user import Server, wire
 from vfiouser_iommu.vfio_user.limits import MAX_MSG_SIZE, RECV_MAX_FDS
 from vfiouser_iommu.vfio_user.wire import HEADER, HEADER_SIZE, Command
 
-FUNCTIONS = ("01.0", "02.0", "03.0", "04.0")
+FUNCTIONS = ("01.0", "02.0", "03.0", "04.0", "05.0")
 FD_KINDS = ("eventfd", "memfd", "memfd-small", "pipe", "devnull")
 CONTROL_NO_REPLY, CONTROL_RAW, CONTROL_SPLIT, CONTROL_REPLY_TYPE = 1, 2, 0x20, 0x40
+CONTROL_SLOW_READER = 0x80
 MAX_PAYLOAD = 0xFFFF
 ISOLATION_EVERY = 64
 # Turns of the loop without any progress before the server counts as stuck.
@@ -215,10 +219,10 @@ class WireHarness:
         endpoints = [build_endpoint("iommu-testdev", {}),
                      build_endpoint("virtio-blk", {"disk": str(disk)}),
                      build_endpoint("virtio-rng", {})]
-        for function, addr in zip(endpoints, FUNCTIONS[1:], strict=True):
+        for function, addr in zip(endpoints, FUNCTIONS[1:4], strict=True):
             slot, fn = (int(x, 16) for x in addr.split("."))
             function.set_dma_view(iommu.iommu.dma_view(slot << 3 | fn))
-        self.functions = [iommu, *endpoints]
+        self.functions = [iommu, *endpoints, build_endpoint("iommu-testdev", {})]
         self.paths = [work / f"{addr}.sock" for addr in FUNCTIONS]
         for function, path in zip(self.functions, self.paths, strict=True):
             self.server.add_function(function, path)
@@ -297,8 +301,9 @@ class WireHarness:
         data = frame(m)
         fds = [_Fds.make(k) for k in m.fd_kinds][:RECV_MAX_FDS]
         piece = 7 if m.control & CONTROL_SPLIT else 1 << 16
+        slow = bool(m.control & CONTROL_SLOW_READER)
         try:
-            first = True
+            first, stuck = True, 0
             while data:
                 try:
                     if first and fds:
@@ -313,7 +318,9 @@ class WireHarness:
                     first = False
                 data = data[n:]
                 self.server.run_once(0)
-                if self._receive(client, inbox, got):
+                stuck = 0 if n else stuck + 1
+                # A slow reader reads only when neither side can move any more.
+                if (not slow or stuck > 50) and self._receive(client, inbox, got):
                     return True
             return False
         finally:

@@ -50,8 +50,6 @@ from vfiouser_iommu.iommu import (
 from vfiouser_iommu.iommu.config import Igs
 from vfiouser_iommu.memory import DmaError, GuestMemory, MemoryAccessError
 
-logging.getLogger("vfiouser_iommu").setLevel(logging.ERROR)
-
 BASE = 0x8000_0000
 SIZE = 256 << 10
 PAGES = SIZE >> 12
@@ -152,6 +150,13 @@ class IommuHarness:
         self.programs = 0
         self.steps = 0
         self._machines: dict[int, _Program] = {}
+        # The queues log every command; a fuzzer runs millions.
+        self._logger = logging.getLogger("vfiouser_iommu")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def close(self) -> None:
+        self._logger.setLevel(self._level)
 
     def run(self, data: bytes) -> None:
         if not data:

@@ -61,6 +61,7 @@ def main() -> None:
                     wire.run(path.read_bytes(), TARGETS[target])
                 inputs += 1
     wire.close()
+    iommu.close()
     cov.stop()
     print(f"{inputs} corpus inputs replayed")
     report(cov)

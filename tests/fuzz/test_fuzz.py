@@ -57,10 +57,13 @@ def test_wire_seeds_and_regressions_replay_clean(wire, target):
 
 def test_iommu_seeds_and_regressions_replay_clean():
     harness = IommuHarness()
-    for data in seed_programs().values():
-        harness.run(data)
-    for path in _inputs(HERE / "regressions" / "iommu"):
-        harness.run(path.read_bytes())
+    try:
+        for data in seed_programs().values():
+            harness.run(data)
+        for path in _inputs(HERE / "regressions" / "iommu"):
+            harness.run(path.read_bytes())
+    finally:
+        harness.close()
 
 
 @pytest.mark.parametrize("target", ALL_TARGETS)

@@ -227,8 +227,10 @@ class WireHarness:
         for function, path in zip(self.functions, self.paths, strict=True):
             self.server.add_function(function, path)
         self.errors = _ErrorLog()
-        logging.getLogger("vfiouser_iommu").addHandler(self.errors)
-        logging.getLogger("vfiouser_iommu").setLevel(logging.ERROR)
+        self._logger = logging.getLogger("vfiouser_iommu")
+        self._level = self._logger.level
+        self._logger.addHandler(self.errors)
+        self._logger.setLevel(logging.ERROR)
         self._isolating = False
         self.inputs = 0
         self.messages = 0            # messages the server handled, over every input
@@ -238,6 +240,8 @@ class WireHarness:
     def close(self) -> None:
         self.server.close()
         self._tmp.cleanup()
+        self._logger.removeHandler(self.errors)
+        self._logger.setLevel(self._level)
 
     # -- one input -----------------------------------------------------------------------
     def run(self, data: bytes, command: int | None = None) -> None:

@@ -347,10 +347,19 @@ class _Program:
                 raise InvariantBroken(f"interrupt vector {vector}")
 
     def _check_queue_bounds(self) -> None:
-        for name, q in (("cq", CQ), ("fq", FQ), ("pq", PQ)):
-            head, tail, _, entries = self._queue_state(q)
-            if entries and not (0 <= head < entries and 0 <= tail < entries):
-                raise InvariantBroken(f"{name} head {head} tail {tail} of {entries}")
+        """Software's index (cqt, fqh, pqh) always lies within the queue (§5: bits
+        31:LOG2SZ read 0); the IOMMU's (cqh, fqt, pqt) while the queue is on (it is
+        reset when the queue is enabled)."""
+        for name, q, software in (("cq", CQ, "tail"), ("fq", FQ, "head"), ("pq", PQ, "head")):
+            head, tail, csr, entries = self._queue_state(q)
+            if not entries:
+                continue
+            indices = {"head": head, "tail": tail}
+            checked = [software] + ([k for k in indices if k != software] if csr & 1 << 16
+                                    else [])
+            for key in checked:
+                if not 0 <= indices[key] < entries:
+                    raise InvariantBroken(f"{name} {key} {indices[key]} of {entries} entries")
 
     def _check_writes(self, dma: bool) -> None:
         regs = self.iommu.regs

@@ -326,3 +326,19 @@ def test_queue_wraps(iommu):
     for _ in range(5):
         cq.submit(vma(), vma(), vma())
     assert cq.head == 15 % 4 and len(iommu.calls) == 15
+
+
+@pytest.mark.parametrize("base,index", [(0x18, 0x24),    # cqb and cqt
+                                        (0x28, 0x30),    # fqb and fqh
+                                        (0x38, 0x40)])   # pqb and pqh
+def test_writing_a_base_clears_the_software_index_above_log2sz(iommu, base, index):
+    """§5.7/§5.10/§5.13: after a write to cqb (fqb, pqb), bits 31:LOG2SZ of cqt (fqh,
+    pqh) read 0. Found by the IOMMU fuzzer (tests/fuzz/regressions/iommu/
+    cqt-beyond-a-shrunk-queue): a 16-entry queue shrunk to 2 kept cqt = 2."""
+    iommu.write(base, (CQ_BASE >> 12) << 10 | 3, 8)         # 16 entries
+    iommu.write(index, 13)
+    assert iommu.read(index) == 13
+    iommu.write(base, (CQ_BASE >> 12) << 10 | 0, 8)         # 2 entries
+    assert iommu.read(index) == 13 & 1
+    iommu.write(base, 0, 4)                                  # the low half alone
+    assert iommu.read(index) < 2

@@ -129,6 +129,8 @@ def ats_range(payload: int) -> tuple[int, int, bool]:
 class CommandQueue(QueueRegs):
     """cqb/cqh/cqt/cqcsr and command execution."""
 
+    SOFTWARE_INDEX = "tail"
+
     def __init__(self, regs):
         super().__init__(regs, 16, CQCSR, "cq")
         self.ats_timeout_pending = False

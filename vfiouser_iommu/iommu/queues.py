@@ -42,7 +42,10 @@ class PrgResponseCode(IntEnum):
 
 
 class QueueRegs:
-    """qb / head / tail / csr of one queue; `sw_index` names the software-owned index."""
+    """qb / head / tail / csr of one queue; `SOFTWARE_INDEX` names the software-owned
+    index ("head" or "tail")."""
+
+    SOFTWARE_INDEX = "head"
 
     def __init__(self, regs, entry_size: int, csr_layout, prefix: str):
         self.regs = regs
@@ -77,6 +80,10 @@ class QueueRegs:
             return
         merged = (self.base & ~mask) | (value & mask)
         self.base = merged & (self._ppn_mask | QB.mask("LOG2SZ_1"))
+        # §5.7/§5.10/§5.13: bits 31:LOG2SZ of the software-owned index read 0 after a
+        # base write; the low bits keep their (valid) value.
+        index = getattr(self, self.SOFTWARE_INDEX)
+        setattr(self, self.SOFTWARE_INDEX, index & self.index_mask)
 
     def masked_index(self, value: int, mask: int, old: int) -> int:
         return ((old & ~mask) | (value & mask)) & self.index_mask

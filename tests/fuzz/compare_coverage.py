@@ -51,10 +51,10 @@ def _report(cov: coverage.Coverage, label: str) -> None:
 
 
 def replay(corpus_dirs: list[Path]) -> None:
-    from wire_harness import WireHarness
-
     cov = coverage.Coverage(branch=True, source=SOURCE, data_file=None)
     cov.start()
+    from wire_harness import WireHarness
+
     harness = WireHarness()
     n = 0
     for folder in corpus_dirs:
@@ -80,6 +80,8 @@ def run_atheris(seconds: int, workdir: Path) -> None:
 
 
 def run_hypothesis(seconds: int) -> None:
+    cov = coverage.Coverage(branch=True, source=SOURCE, data_file=None)
+    cov.start()
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
     from wire_harness import (
@@ -142,7 +144,6 @@ def run_hypothesis(seconds: int) -> None:
     inputs = st.builds(Input, st.integers(0, len(FUNCTIONS) - 1), st.booleans(),
                        st.lists(messages(), max_size=12))
     harness = WireHarness()
-    cov = coverage.Coverage(branch=True, source=SOURCE, data_file=None)
     deadline = time.monotonic() + seconds
     count = [0]
 
@@ -158,7 +159,6 @@ def run_hypothesis(seconds: int) -> None:
         count[0] += 1
         harness.run_input(inp)
 
-    cov.start()
     for path in sorted((HERE / "corpus" / "sequence").iterdir()):
         harness.run(path.read_bytes())
     try:
@@ -176,13 +176,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=120)
     parser.add_argument("--workdir", type=Path, default=Path("build/fuzz-compare"))
     parser.add_argument("--replay", nargs="+", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--hypothesis-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.replay:
         replay(args.replay)
         return
+    if args.hypothesis_only:
+        run_hypothesis(args.seconds)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     run_atheris(args.seconds, args.workdir.resolve())
-    run_hypothesis(args.seconds)
+    # Its own process too, so that coverage starts before the project is imported.
+    subprocess.run([sys.executable, __file__, "--hypothesis-only",
+                    f"--seconds={args.seconds}"], check=True)
 
 
 if __name__ == "__main__":

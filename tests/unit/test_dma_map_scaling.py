@@ -25,11 +25,12 @@ def _lines_run(fn) -> int:
             count += 1
         return tracer
 
+    previous = sys.gettrace()   # coverage.py's tracer, when it runs: keep it working
     sys.settrace(tracer)
     try:
         fn()
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     return count
 
 

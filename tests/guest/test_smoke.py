@@ -40,7 +40,7 @@ def test_smoke_on_the_lab_kernel_passes_with_valid_ktap_and_junit(tmp_path):
     assert m and m.group(1) == m.group(2), proc.stdout[-2000:]
     total = int(m.group(2))
     suites = parse_ktap(ktap)
-    assert [s.name for s in suites] == ["probe", "reboot"]
+    assert [s.name for s in suites] == ["probe", "reboot", "kmod"]
     assert all(s.ok for s in suites)
     assert sum(len(s.subtests) for s in suites) == total
     assert counts(junit) == (total, 0)
@@ -63,3 +63,20 @@ def test_smoke_fails_the_boot_check_fast_when_the_kernel_panics(tmp_path):
     xml = JUnitXml.fromfile(str(junit))
     failed_boot = next(c for suite in xml for c in suite if c.name == "boot")
     assert "Kernel panic" in failed_boot.result[0].text
+
+
+def test_smoke_on_your_own_kernel_builds_the_module_with_your_kbuild(lab, tmp_path):
+    """The path a kernel CI job takes: --kernel, --modules and --kbuild name a kernel
+    outside the lab (here the lab's own files, passed as a user would pass theirs); the
+    test module is built against that tree, in the run's own cache."""
+    from pathlib import Path
+
+    modules = Path(lab.modules[lab.module_order[0]]).parent
+    proc, ktap, junit = smoke(tmp_path, "--kernel", lab.kernel, "--modules", str(modules),
+                              "--kbuild", lab.kbuild, "--workdir", str(tmp_path / "w"),
+                              "--only", "virtio-blk-roundtrip", "kmod-map-4k")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"kernel {lab.kernel_version} (user {lab.kernel})" in ktap
+    assert "building the test module against" in proc.stdout
+    assert list((tmp_path / "w" / "kmod").glob("vfiouser_iommu_test-*.ko"))
+    assert counts(junit) == (4, 0)      # two boots, each: boot + the chosen check

@@ -12,7 +12,9 @@ HELP = """\
 Boot a riscv64 kernel (default: the lab's; --kernel for your own) on our RISC-V IOMMU
 and run the guest battery against its riscv-iommu driver: probe with no driver error,
 IRQ vectors, IOMMU groups, a checksummed virtio-blk round trip, virtio-rng, a provoked
-DMA fault and the driver's fault line, reboot and re-probe, all with our invalidation
+DMA fault and the driver's fault line, reboot and re-probe, and the project's test
+kernel module (built for the kernel under test: paging domains of every page size,
+unmap and remap, MSI page tables in flat and MRIF mode), all with our invalidation
 checker on: a driver that changes a table and uses it before the invalidation the
 spec requires fails the invalidation-checker check. Every boot has a deadline:
 a kernel that panics or hangs fails its checks with the console tail, it never hangs
@@ -26,8 +28,8 @@ bad arguments or a missing lab.
 
 Examples:
   vfiouser-iommu smoke
-  vfiouser-iommu smoke --kernel arch/riscv/boot/Image --modules mods/lib/modules/7.3.0 \\
-      --ktap smoke.ktap --junit smoke.xml
+  vfiouser-iommu smoke --kernel arch/riscv/boot/Image --kbuild . \\
+      --modules mods/lib/modules/7.3.0 --ktap smoke.ktap --junit smoke.xml
   vfiouser-iommu smoke --only probe 'iommu-group-*' --iommu svpbmt=off
 """
 
@@ -40,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modules", type=Path, metavar="DIR",
                    help="with --kernel: its module tree (lib/modules/VERSION), where "
                         "virtio_blk and virtio_rng are found unless built in")
+    p.add_argument("--kbuild", type=Path, metavar="DIR",
+                   help="with --kernel: the tree it was built in (where you ran make), to "
+                        "build the project's test kernel module for it; without, the "
+                        "module's suite fails")
     p.add_argument("--ktap", type=Path, metavar="FILE", help="write the results as KTAP")
     p.add_argument("--junit", type=Path, metavar="FILE", help="write the results as JUnit XML")
     p.add_argument("--only", nargs="+", default=[], metavar="NAME",
@@ -71,8 +77,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
             for name in suite.check_names():
                 print(f"    {name}")
         return 0
-    if args.modules and not args.kernel:
-        print("smoke: --modules goes with --kernel", file=sys.stderr)
+    if (args.modules or args.kbuild) and not args.kernel:
+        print("smoke: --modules and --kbuild go with --kernel", file=sys.stderr)
         return 2
     try:
         chosen = select(SUITES, args.only)
@@ -89,13 +95,16 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, chosen, workdir: Path) -> int:
     from vfiouser_iommu.lab.debian import LabError
     from vfiouser_iommu.lab.paths import NoLab, load_lab
-    from vfiouser_iommu.smoke.battery import Smoke, iommu_options, lab_for_kernel
+    from vfiouser_iommu.smoke.battery import Smoke, iommu_options, lab_for_kernel, user_kbuild
     from vfiouser_iommu.smoke.report import ktap, write_junit
 
     try:
         lab = load_lab()
         if args.kernel is not None:
             lab = lab_for_kernel(lab, args.kernel, args.modules, workdir / "kernel")
+            kbuild = user_kbuild(args.kbuild, workdir / "kmod") if args.kbuild else None
+        else:
+            kbuild = lab.kbuild_for_modules() if lab.kbuild else None
     except (NoLab, LabError) as e:
         print(f"smoke: {e}", file=sys.stderr)
         return 2
@@ -106,7 +115,7 @@ def _run(args: argparse.Namespace, chosen, workdir: Path) -> int:
         print(line)
     started = time.monotonic()
     smoke = Smoke(lab, workdir, iommu_options=args.iommu, timeout=args.timeout,
-                  append=args.append, strict=args.strict)
+                  append=args.append, strict=args.strict, kbuild=kbuild)
     suites = smoke.run(chosen)
     checks = [c for s in suites for c in s.checks]
     failed = [f"{s.name}/{c.name}" for s in suites for c in s.checks if not c.passed]

@@ -14,6 +14,11 @@ using; test fixtures call it before making their own.
 Entering the namespace (to configure it, or to open sockets there) is done by the
 calling thread for the duration of a `with network_namespace(name)` block; sockets
 opened inside keep working after the block.
+
+Also here, for tests and benchmarks: `TcpPeer` (a TCP sink or source in the namespace)
+and `UdpCounter` (counts datagrams arriving there), served from threads;
+`in_namespace_argv` (run a program inside a namespace, as `ip netns exec` does) and
+`boot_reference_net` (QEMU's own riscv-iommu-pci + virtio-net-pci on the tap).
 """
 
 from __future__ import annotations

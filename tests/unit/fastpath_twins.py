@@ -45,6 +45,7 @@ TABLES = RAM + (1 << 20)          # table pages; [RAM, TABLES) is data
 GPA_BASE = 0x4000_0000            # nested worlds: GPA = GPA_BASE + (SPA - RAM)
 VA_WINDOWS = (0x0000_1000_0000, 0x7F_FFE0_0000, 0xFFFF_FFC0_0000_0000, 0x4000_0000)
 MAX_DEVICES = 6
+EXTRA, EXTRA_SIZE = 0x1_0000_0000, 0x2_0000   # a second region, mapped and unmapped
 FS_MODES = {8: SV39, 9: SV48, 10: SV57}
 GS_MODES = {8: SV39X4, 9: SV48X4, 10: SV57X4}
 KINDS = ("identity", "identity", "fs", "fs", "gs", "nested", "nested", "pdt", "pdt_nested",
@@ -330,6 +331,8 @@ def snapshot(iommu: RiscvIommu) -> dict:
         "faults": list(iommu.recent_faults),
         "hpm": (list(hpm.ctr), list(hpm.evt)) if hpm is not None else None,
         "memory": bytes(memory.slice(RAM, SIZE, writable=True)),
+        "extra": bytes(memory.slice(EXTRA, EXTRA_SIZE, writable=True))
+        if memory.contains(EXTRA) and memory.regions[-1].writable else None,
         "fallback_writes": list(memory.fallback.writes),
     }
 
@@ -346,7 +349,8 @@ def random_request(rng: random.Random, world: World) -> Request:
     else:
         dev_iovas = dev.iovas
     iova = rng.choice(dev_iovas) if dev_iovas and rng.random() < 0.85 else \
-        rng.choice((rng.getrandbits(64), RAM + rng.randrange(0, SIZE)))
+        rng.choice((rng.getrandbits(64), RAM + rng.randrange(0, SIZE),
+                    EXTRA + rng.randrange(0, EXTRA_SIZE)))
     iova += rng.choice((0, 0, 8, 0x7F8, 0xFFC))
     access = rng.choice(list(Access))
     kind = RequestKind.UNTRANSLATED if rng.random() < 0.9 else \
@@ -399,13 +403,29 @@ def random_step(rng: random.Random, twins: Twins) -> tuple[str, tuple]:
     if roll < 0.94:
         start = RAM + rng.randrange(0, SIZE // 4096) * 4096
         return f"poison {start:#x}", twins.both(lambda iommu: iommu.memory.poison(start, 4096))
-    if roll < 0.97:
+    if roll < 0.955:
         return "reference path on", twins.both(_set_reference_path(True))
+    if roll < 0.97:
+        return _extra_region(rng, twins)
     mode = rng.choice((0, 1, 4, 4))
 
     def ddtp(iommu):
         iommu.set_register("ddtp", world.ddtp & ~0xF | mode)
     return f"ddtp mode {mode}", twins.both(ddtp)
+
+
+def _extra_region(rng: random.Random, twins: Twins) -> tuple[str, tuple]:
+    """Map or unmap a second region (sometimes read-only): C's region table follows."""
+    writable = rng.random() < 0.6
+    fill = rng.getrandbits(8)
+
+    def toggle(iommu):
+        memory = iommu.memory
+        if memory.contains(EXTRA):
+            memory.remove_region(EXTRA, EXTRA_SIZE)
+        else:
+            memory.add_region(EXTRA, bytearray([fill]) * EXTRA_SIZE, writable=writable)
+    return f"extra region toggle writable={writable}", twins.both(toggle)
 
 
 def _set_reference_path(flag: bool):

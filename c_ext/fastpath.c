@@ -28,6 +28,10 @@
 
 #include "fastpath.h"
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the fast path reads little-endian tables and integers with host loads"
+#endif
+
 #define NONE UINT64_MAX
 #define NV 10            /* value words of a node */
 #define MAXGL 8          /* G-stage leaves one IOTLB entry remembers */
@@ -1405,18 +1409,57 @@ int fp_dma(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int access, uint64
     return rc;
 }
 
-int fp_dma_int(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int access, uint64_t addr,
-               int size, uint64_t *value, uint64_t *pieces, int64_t max_pieces,
-               uint64_t *stop) {
-    unsigned char bytes[8] = {0};
-    if (size < 1 || size > 8) return FP_DMA_TRANSLATE_PY;
-    memcpy(bytes, value, 8);
-    int rc = fp_dma(fp, did, pid, priv, access, addr, (uint64_t)size, bytes, pieces,
-                    max_pieces, stop);
-    if (rc == FP_DMA_DONE && access != FP_WRITE) {
-        uint64_t v = 0;
-        memcpy(&v, bytes, (size_t)size);
-        value[0] = v;
+/* ---- per-view entry points (FastDmaView) ----------------------------------------- */
+fp_view *fp_view_new(fp_iommu *fp, uint64_t did, int64_t pid, int priv, int exec) {
+    fp_view *v = calloc(1, sizeof(*v));
+    if (!v) return NULL;
+    v->fp = fp;
+    v->device_id = did;
+    v->process_id = pid;
+    v->privileged = priv;
+    v->execute = exec;
+    return v;
+}
+
+void fp_view_free(fp_view *v) {
+    if (!v) return;
+    free(v->pieces);
+    free(v);
+}
+
+static int view_room(fp_view *v, uint64_t len) {
+    int64_t need = (int64_t)(len >> 12) + 2;
+    if (need <= v->capacity) return 0;
+    uint64_t *p = realloc(v->pieces, sizeof(uint64_t) * 2 * need);
+    if (!p) return -1;
+    v->pieces = p;
+    v->capacity = need;
+    return 0;
+}
+
+int fp_view_dma(fp_view *v, uint64_t addr, uint64_t len, int access, void *buf) {
+    uint64_t stop[2];
+    if (view_room(v, len) < 0) return v->status = FP_DMA_REFUSED;
+    int rc = fp_dma(v->fp, v->device_id, v->process_id, v->privileged, access, addr, len, buf,
+                    v->pieces, v->capacity, stop);
+    v->stop = stop[0];
+    v->npieces = (int64_t)stop[1];
+    return v->status = rc;
+}
+
+uint64_t fp_view_read_int(fp_view *v, uint64_t addr, int size) {
+    uint64_t value = 0;
+    if (size < 1 || size > 8) {
+        v->status = FP_DMA_REFUSED;
+        return FP_AGAIN;
     }
-    return rc;
+    int rc = fp_view_dma(v, addr, (uint64_t)size, v->execute ? FP_EXEC : FP_READ, &value);
+    if (rc != FP_DMA_DONE) return FP_AGAIN;
+    if (size < 8) value &= (1ULL << (8 * size)) - 1;
+    return value;
+}
+
+int fp_view_write_int(fp_view *v, uint64_t addr, int size, uint64_t value) {
+    if (size < 1 || size > 8) return v->status = FP_DMA_REFUSED;
+    return fp_view_dma(v, addr, (uint64_t)size, FP_WRITE, &value);
 }

@@ -62,7 +62,7 @@
 #define FP_RESULT 6
 
 /* bumped whenever this interface changes: a stale build is then not used */
-#define FP_ABI 4
+#define FP_ABI 5
 
 typedef struct fp_iommu fp_iommu;
 
@@ -106,7 +106,32 @@ int fp_translate_repeat(fp_iommu *fp, uint64_t device_id, int64_t process_id,
 int fp_dma(fp_iommu *fp, uint64_t device_id, int64_t process_id, int privileged,
            int access, uint64_t addr, uint64_t len, void *buf,
            uint64_t *pieces, int64_t max_pieces, uint64_t *stop);
-/* fp_dma of a little-endian integer of size bytes (value[0] in or out) */
-int fp_dma_int(fp_iommu *fp, uint64_t device_id, int64_t process_id, int privileged,
-               int access, uint64_t addr, int size, uint64_t *value,
-               uint64_t *pieces, int64_t max_pieces, uint64_t *stop);
+
+/* One requester's DMA view (FastDmaView): its attributes, and the pieces of its last
+ * access for Python to continue from (pieces: (gpa, len) pairs, npieces of them, stop:
+ * where Python continues). Not thread-safe: one per thread. */
+typedef struct fp_view {
+    fp_iommu *fp;
+    uint64_t device_id;
+    int64_t process_id;     /* -1: no PASID */
+    int privileged;
+    int execute;
+    uint64_t *pieces;
+    int64_t npieces;
+    int64_t capacity;       /* pairs pieces can hold */
+    uint64_t stop;
+    int status;
+} fp_view;
+
+/* returned by fp_view_read_int when status says what happened instead of a value */
+#define FP_AGAIN 0xFFFFFFFFFFFFFFF7
+
+fp_view *fp_view_new(fp_iommu *fp, uint64_t device_id, int64_t process_id, int privileged,
+                     int execute);
+void fp_view_free(fp_view *v);
+/* the value read, or FP_AGAIN with status set (a value equal to FP_AGAIN has status
+   FP_DMA_DONE) */
+uint64_t fp_view_read_int(fp_view *v, uint64_t addr, int size);
+int fp_view_write_int(fp_view *v, uint64_t addr, int size, uint64_t value);
+/* access: FP_READ/FP_WRITE/FP_EXEC, optionally | FP_TRANSLATE_ONLY; fp_dma's results */
+int fp_view_dma(fp_view *v, uint64_t addr, uint64_t len, int access, void *buf);

@@ -47,7 +47,7 @@ from vfiouser_iommu.memory import DmaAttrs
 log = logging.getLogger(__name__)
 
 #: must equal FP_ABI of c_ext/fastpath.h: an extension built from older sources is unused
-ABI = 4
+ABI = 5
 
 try:
     from vfiouser_iommu._fastpath import ffi, lib
@@ -85,7 +85,10 @@ _TRANSLATE_ONLY = 8
 get_ident = threading.get_ident
 fp_translate = lib.fp_translate if lib is not None else None
 fp_dma = lib.fp_dma if lib is not None else None
-fp_dma_int = lib.fp_dma_int if lib is not None else None
+view_dma = lib.fp_view_dma if lib is not None else None
+view_read_int = lib.fp_view_read_int if lib is not None else None
+view_write_int = lib.fp_view_write_int if lib is not None else None
+_AGAIN = (1 << 64) - 9   # FP_AGAIN
 
 
 def available() -> bool:
@@ -746,8 +749,6 @@ class _Scratch:
     """The buffers one thread hands to C: results, the pieces C translated, data."""
 
     def __init__(self, capacity: int):
-        self.out = ffi.new("uint64_t[6]")
-        self.value = ffi.new("uint64_t[1]")
         self.stop = ffi.new("uint64_t[2]")
         self.capacity = 0
         self.grow(capacity)
@@ -761,21 +762,47 @@ class _Scratch:
 
 
 class FastDmaView(IommuDmaView):
-    """`IommuDmaView` whose translate-and-copy loop runs in C (`fp_dma`).
+    """`IommuDmaView` whose translate-and-copy loop runs in C.
 
     What C leaves undone is finished by the inherited Python code from where C stopped:
     the pieces C translated are kept (their side effects happened, as they would have in
     Python), the rest is translated by `more_pieces`, and the copy is the shared
-    `read_pieces`/`write_pieces` loop. The view's buffers belong to the thread that made
-    it; another thread gets fresh ones per call.
+    `read_pieces`/`write_pieces` loop.
+
+    Calls with the view's own `attrs`, from the thread that made the view, go through a
+    C view (`fp_view`: the requester's attributes and a pieces buffer, so a call passes
+    3 or 4 arguments); other calls pass everything (`fp_dma`) with buffers of their own.
     """
 
     def __init__(self, iommu, device_id: int, process_id: int | None = None,
                  privileged: bool = False):
+        self._view = None
         super().__init__(iommu, device_id, process_id, privileged)
         self._fp = iommu.__dict__["_fast"]
-        self._owner = threading.get_ident()
+        self._owner = get_ident()
         self._own = _Scratch(4096)
+        self._make_view()
+
+    @property
+    def attrs(self) -> DmaAttrs:
+        return self.__dict__["attrs"]
+
+    @attrs.setter
+    def attrs(self, value: DmaAttrs) -> None:
+        self.__dict__["attrs"] = value
+        if self.__dict__.get("_fp") is not None:
+            self._make_view()
+
+    def _make_view(self) -> None:
+        attrs = self.attrs
+        pid = attrs.pasid
+        try:
+            view = lib.fp_view_new(self._fp.c, self.device_id, -1 if pid is None else pid,
+                                   attrs.privileged, attrs.execute)
+        except (OverflowError, TypeError):
+            self._view = None
+            return
+        self._view = ffi.gc(view, lib.fp_view_free)
 
     def _scratch(self, length: int) -> _Scratch:
         s = self._own if get_ident() == self._owner else _Scratch(4096)
@@ -783,120 +810,151 @@ class FastDmaView(IommuDmaView):
             s.grow(length)
         return s
 
-    def _rest(self, s: _Scratch, rc: int, addr: int, length: int, write: bool,
-              attrs: DmaAttrs) -> list:
+    def _mine(self):
+        """The C view when this call may use it: fast path on, owner thread."""
+        fp = self._fp
+        if (fp.ok or fp.revive()) and not self.iommu.needs_reference_path and \
+                get_ident() == self._owner:
+            return self._view
+        return None
+
+    def _continue(self, rc: int, start: int, pairs: list[int], addr: int, length: int,
+                  write: bool, attrs: DmaAttrs) -> list:
         """C's pieces, then Python's translations from where C stopped (C counted the
         request, and its translations only if it translated every piece)."""
-        start, n = s.stop[0], s.stop[1]
-        words = ffi.unpack(s.pieces, 2 * n)
-        pieces = [(words[2 * j], words[2 * j + 1], None) for j in range(n)]
+        pieces = [(pairs[2 * j], pairs[2 * j + 1], None) for j in range(len(pairs) // 2)]
         if rc == _DMA_COPY_PY:
             return pieces
         pieces = self.more_pieces(addr, length, write, attrs, start, pieces)
         self.stats.translations += len(pieces)
         return pieces
 
+    def _view_rest(self, view, rc: int, addr: int, length: int, write: bool) -> list:
+        pairs = ffi.unpack(view.pieces, 2 * view.npieces) if view.npieces else []
+        return self._continue(rc, view.stop, pairs, addr, length, write, self.attrs)
+
+    def _args_dma(self, addr: int, length: int, access: int, attrs: DmaAttrs, data,
+                  write: bool):
+        """fp_dma with every argument: (rc, pieces or None); rc None: not C's."""
+        fp = self._fp
+        if not (fp.ok or fp.revive()) or self.iommu.needs_reference_path:
+            return None, None
+        s = self._scratch(length)
+        pid = attrs.pasid
+        try:
+            rc = fp_dma(fp.c, self.device_id, -1 if pid is None else pid, attrs.privileged,
+                        access, addr, length, s.buf if data is None else data, s.pieces,
+                        s.max_pieces, s.stop)
+        except (OverflowError, TypeError):
+            return None, None
+        if rc == _DMA_REFUSED:
+            return None, None
+        if rc == _DMA_DONE:
+            return rc, s
+        pairs = ffi.unpack(s.pieces, 2 * s.stop[1])
+        return rc, self._continue(rc, s.stop[0], pairs, addr, length, write, attrs)
+
     def pieces(self, addr: int, length: int, write: bool, attrs: DmaAttrs) -> list:
         """`IommuDmaView.pieces` translated in C (for callers that move the data
         themselves, e.g. scatter-gather I/O straight into guest RAM)."""
-        fp = self._fp
-        if length > 0 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
-            s = self._scratch(length)
-            pid = attrs.pasid
-            access = 1 if write else 2 if attrs.execute else 0
-            try:
-                rc = fp_dma(fp.c, self.device_id, -1 if pid is None else pid,
-                            attrs.privileged, access | _TRANSLATE_ONLY, addr, length,
-                            ffi.NULL, s.pieces, s.max_pieces, s.stop)
-            except (OverflowError, TypeError):
-                rc = None
-            if rc == _DMA_DONE:
-                rc = _DMA_COPY_PY     # every piece translated (and counted) by C
-            if rc is not None and rc != _DMA_REFUSED:
-                return self._rest(s, rc, addr, length, write, attrs)
+        if length > 0:
+            access = (1 if write else 2 if attrs.execute else 0) | _TRANSLATE_ONLY
+            rc, result = self._args_dma(addr, length, access, attrs, ffi.NULL, write)
+            if rc == _DMA_DONE:     # every piece translated (and counted) by C
+                s = result
+                pairs = ffi.unpack(s.pieces, 2 * s.stop[1])
+                return self._continue(_DMA_COPY_PY, s.stop[0], pairs, addr, length, write,
+                                      attrs)
+            if rc is not None:
+                return result
         return super().pieces(addr, length, write, attrs)
 
     # The methods below are the hot path of every endpoint: kept flat on purpose.
     def read_as(self, addr: int, length: int, attrs: DmaAttrs) -> bytes:
-        fp = self._fp
-        if length > 0 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
-            s = self._scratch(length)
-            pid = attrs.pasid
+        if length <= 0:
+            return b""
+        view = self._mine() if attrs is self.__dict__["attrs"] else None
+        if view is not None:
+            s = self._own
+            if length > s.capacity:
+                s.grow(length)
             try:
-                rc = fp_dma(fp.c, self.device_id, -1 if pid is None else pid,
-                            attrs.privileged, 2 if attrs.execute else 0, addr, length, s.buf,
-                            s.pieces, s.max_pieces, s.stop)
+                rc = view_dma(view, addr, length, 2 if attrs.execute else 0, s.buf)
             except (OverflowError, TypeError):
-                rc = None
+                rc = _DMA_REFUSED
             if rc == _DMA_DONE:
                 return s.bytes[:length]
-            if rc is not None and rc != _DMA_REFUSED:
+            if rc != _DMA_REFUSED:
                 return self.read_pieces(addr, length,
-                                        self._rest(s, rc, addr, length, False, attrs))
+                                        self._view_rest(view, rc, addr, length, False))
+        else:
+            rc, result = self._args_dma(addr, length, 2 if attrs.execute else 0, attrs, None,
+                                        False)
+            if rc == _DMA_DONE:
+                return result.bytes[:length]
+            if rc is not None:
+                return self.read_pieces(addr, length, result)
         return super().read_as(addr, length, attrs)
 
     def write_as(self, addr: int, data, attrs: DmaAttrs) -> None:
-        fp = self._fp
         length = len(data)
-        if length and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path and \
-                (type(data) is not memoryview or (data.itemsize == 1 and data.c_contiguous)):
-            s = self._scratch(length)
-            pid = attrs.pasid
+        if not length:
+            return None
+        if type(data) is memoryview and (data.itemsize != 1 or not data.c_contiguous):
+            return super().write_as(addr, data, attrs)
+        view = self._mine() if attrs is self.__dict__["attrs"] else None
+        if view is not None:
             try:
-                rc = fp_dma(fp.c, self.device_id, -1 if pid is None else pid,
-                            attrs.privileged, 1, addr, length, ffi.from_buffer(data),
-                            s.pieces, s.max_pieces, s.stop)
+                rc = view_dma(view, addr, length, 1, ffi.from_buffer(data))
             except (OverflowError, TypeError):
-                rc = None
+                rc = _DMA_REFUSED
             if rc == _DMA_DONE:
                 return None
-            if rc is not None and rc != _DMA_REFUSED:
+            if rc != _DMA_REFUSED:
                 return self.write_pieces(addr, data,
-                                         self._rest(s, rc, addr, length, True, attrs))
+                                         self._view_rest(view, rc, addr, length, True))
+        else:
+            rc, result = self._args_dma(addr, length, 1, attrs, ffi.from_buffer(data), True)
+            if rc == _DMA_DONE:
+                return None
+            if rc is not None:
+                return self.write_pieces(addr, data, result)
         return super().write_as(addr, data, attrs)
 
     def read(self, addr: int, length: int) -> bytes:
-        return self.read_as(addr, length, self.attrs)
+        return self.read_as(addr, length, self.__dict__["attrs"])
 
     def write(self, addr: int, data) -> None:
-        self.write_as(addr, data, self.attrs)
+        self.write_as(addr, data, self.__dict__["attrs"])
 
     def read_int(self, addr: int, size: int) -> int:
-        fp = self._fp
-        if 0 < size <= 8 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
-            attrs = self.attrs
-            s = self._own if get_ident() == self._owner else _Scratch(4096)
-            pid = attrs.pasid
+        view = self._mine()
+        if view is not None and 0 < size <= 8:
             try:
-                rc = fp_dma_int(fp.c, self.device_id, -1 if pid is None else pid,
-                                attrs.privileged, 2 if attrs.execute else 0, addr, size,
-                                s.value, s.pieces, s.max_pieces, s.stop)
+                value = view_read_int(view, addr, size)
             except (OverflowError, TypeError):
-                rc = None
+                return super().read_int(addr, size)
+            if value != _AGAIN:
+                return value
+            rc = view.status
             if rc == _DMA_DONE:
-                return s.value[0]
-            if rc is not None and rc != _DMA_REFUSED:
-                data = self.read_pieces(addr, size, self._rest(s, rc, addr, size, False, attrs))
+                return value
+            if rc != _DMA_REFUSED:
+                data = self.read_pieces(addr, size, self._view_rest(view, rc, addr, size, False))
                 return int.from_bytes(data, "little")
         return super().read_int(addr, size)
 
     def write_int(self, addr: int, size: int, value: int) -> None:
-        fp = self._fp
-        if 0 < size <= 8 and (fp.ok or fp.revive()) and not self.iommu.needs_reference_path:
-            attrs = self.attrs
+        view = self._mine()
+        if view is not None and 0 < size <= 8:
             value &= (1 << (8 * size)) - 1
-            s = self._own if get_ident() == self._owner else _Scratch(4096)
-            s.value[0] = value
-            pid = attrs.pasid
             try:
-                rc = fp_dma_int(fp.c, self.device_id, -1 if pid is None else pid,
-                                attrs.privileged, 1, addr, size, s.value, s.pieces,
-                                s.max_pieces, s.stop)
+                rc = view_write_int(view, addr, size, value)
             except (OverflowError, TypeError):
-                rc = None
+                return super().write_int(addr, size, value)
             if rc == _DMA_DONE:
                 return None
-            if rc is not None and rc != _DMA_REFUSED:
+            if rc != _DMA_REFUSED:
                 return self.write_pieces(addr, value.to_bytes(size, "little"),
-                                         self._rest(s, rc, addr, size, True, attrs))
+                                         self._view_rest(view, rc, addr, size, True))
         return super().write_int(addr, size, value)

@@ -9,7 +9,11 @@ flush, the Python path never does."""
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import logging
+import mmap
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -313,6 +317,58 @@ def test_concurrent_dma_from_two_threads_is_safe():
     assert not errors
     assert list(iommu.caches.iotlb.entries) == [((None, 1), 12, 5)]
     assert served_by_c(iommu, lambda: iommu.translate(req(0x5000)))[1]
+
+
+def _vcpu(mm: mmap.mmap, offset: int, go, adds: int) -> None:
+    """Another process: a vCPU that changes the PTE's PPN, atomically, `adds` times."""
+    fetch_add = ctypes.CDLL(ctypes.util.find_library("atomic")).__atomic_fetch_add_8
+    fetch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mm, offset))
+    go.wait(10)
+    for _ in range(adds):
+        fetch_add(address, 1 << 10, 5)
+
+
+@pytest.mark.skipif(ctypes.util.find_library("atomic") is None, reason="no libatomic")
+def test_a_d_updates_never_lose_a_concurrent_pte_change():
+    """A leaf with A=0 under SADE, no IOTLB: every translation sets A by compare-and-swap
+    while another process keeps adding to the same PTE's PPN and we clear A again. The
+    PPN must end exactly where the other process left it: no update of ours overwrote
+    one of its changes. Most translations must be C's own."""
+    adds = 1_000_000
+    mm = mmap.mmap(-1, 4 << 20)                                  # shared with the child
+    mem = GuestMemory()
+    mem.add_region(RAM_BASE, memoryview(mm))
+    iommu = RiscvIommu(mem, IommuConfig(iotlb_entries=0, gtlb_entries=0))
+    b = Builder(mem, heap=[RAM_BASE])
+    root = b.alloc()
+    iommu.set_register("ddtp", (root >> 12) << 10 | 4)
+    pt = b.root(SV39)
+    slot = b.map(SV39, pt, 0x5000, DATA, flags=V | R | W | U)
+    b.set_dc(root, 3, DID, 64, tc=1 | 1 << 8, ta=1 << 12, fsc=atp(8, pt >> 12))
+    fetch_and = ctypes.CDLL(ctypes.util.find_library("atomic")).__atomic_fetch_and_8
+    fetch_and.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+    pte = ctypes.addressof(ctypes.c_char.from_buffer(mm, slot - RAM_BASE))
+    fork = multiprocessing.get_context("fork")
+    go = fork.Event()
+    child = fork.Process(target=_vcpu, args=(mm, slot - RAM_BASE, go, adds))
+    child.start()
+    by_c = rounds = 0
+    try:
+        go.set()
+        while rounds < 500_000 and (rounds < 2000 or child.exitcode is None):
+            result, c = served_by_c(iommu, lambda: iommu.translate(req(0x5000)))
+            assert isinstance(result, Translation) and mem.read_u64(slot) & A
+            by_c += c
+            rounds += 1
+            fetch_and(pte, ~A & ((1 << 64) - 1), 5)               # the guest clears A
+    finally:
+        child.join(60)
+    assert child.exitcode == 0
+    assert mem.read_u64(slot) >> 10 & ((1 << 44) - 1) == (DATA >> 12) + adds
+    assert by_c > rounds / 2, (by_c, rounds)
+    mem.clear()
+    mm.close()
 
 
 # -- switches ---------------------------------------------------------------------------------

@@ -477,6 +477,7 @@ class DmaView:
         """
         attrs = self.attrs if attrs is None else attrs
         memory = self.memory
+        starts, regions = memory._starts, memory._regions
         runs: list[list] = []  # [region, offset, length] of each merged run
         for addr, length in buffers:
             if length <= 0:
@@ -484,8 +485,9 @@ class DmaView:
             for gpa, n, special in self.pieces(addr, length, write, attrs):
                 if special is not None:
                     return None
-                region = memory._find(gpa, n)
-                if region is None:
+                i = bisect.bisect_right(starts, gpa) - 1  # GuestMemory._find, inlined
+                region = regions[i] if i >= 0 else None
+                if region is None or gpa + n > region.gpa + region.size:
                     if memory.fallback is not None and not memory.overlapping(gpa, n):
                         return None
                     raise DmaError(addr, length, write, f"guest memory at {gpa:#x}+{n:#x}: "

@@ -384,3 +384,36 @@ def test_queues_option_and_multiqueue(image):
     for bad in ("0", "65", "two"):
         with pytest.raises(ValueError):
             build_endpoint("virtio-blk", {"disk": str(image), "queues": bad})
+
+
+def test_a_notify_serves_only_its_queue(image):
+    """With one queue per vCPU, a notify of one queue must not cost a look at the
+    rings of the others."""
+    class Recording(DmaView):
+        def __init__(self, memory):
+            super().__init__(memory)
+            self.translated = []
+
+        def pieces(self, addr, length, write, attrs):
+            self.translated.append(addr)
+            return super().pieces(addr, length, write, attrs)
+
+    fn = build_endpoint("virtio-blk", {"disk": str(image), "queues": "2"})
+    fn.memory.add_region(RAM, bytearray(0x80000))
+    host = FakeHost()
+    fn.attach(host)
+    drv = VirtioPciDriver(fn, fn.memory, RAM)
+    assert drv.negotiate()
+    for q in (0, 1):
+        drv.setup_queue(q)
+    drv.driver_ok()
+    host.run()
+    view = Recording(fn.memory)
+    fn.set_dma_view(view)
+    drv.mem.write(HDR, VIRTIO_BLK_REQ.pack(VIRTIO_BLK_T_IN, 0, 0))
+    drv.add_chain(1, [(HDR, 16, False), (DATA, 512, True), (STATUS, 1, True)])
+    drv.notify(1)
+    host.run()
+    assert drv.used(1) == [(0, 513)]
+    q0 = drv.queues[0]
+    assert not {q0.desc, q0.avail, q0.used} & set(view.translated)

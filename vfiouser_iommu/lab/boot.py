@@ -22,6 +22,7 @@ from typing import TextIO
 
 from vfiouser_iommu.lab.initramfs import Initramfs, Verdict, parse_console
 from vfiouser_iommu.lab.paths import Lab
+from vfiouser_iommu.topology import shared_ram_args
 
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet"
 DEFAULT_MEMORY = "1G"
@@ -193,11 +194,13 @@ def guest_hints(lab: Lab, run: GuestRun, iommu_options: str | None = None) -> li
 
 
 def reference_args(disk: Path, iommu_addr: str = "01.0", blk_addr: str = "02.0",
-                   rng_addr: str = "03.0") -> list[str]:
-    """QEMU's built-in riscv-iommu-pci with virtio-blk and virtio-rng behind it."""
+                   rng_addr: str = "03.0", cache: str = "unsafe") -> list[str]:
+    """QEMU's built-in riscv-iommu-pci with virtio-blk and virtio-rng behind it; `cache`
+    is the drive's cache mode (unsafe ignores flushes; writeback honours them, as our
+    virtio-blk does)."""
     return [
         "-device", f"riscv-iommu-pci,addr={iommu_addr}",
-        "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=unsafe",
+        "-drive", f"file={disk},if=none,id=disk0,format=raw,cache={cache}",
         "-device", f"virtio-blk-pci,drive=disk0,addr={blk_addr},iommu_platform=on,"
                    "disable-legacy=on",
         "-device", f"virtio-rng-pci,addr={rng_addr},iommu_platform=on,disable-legacy=on",
@@ -237,15 +240,19 @@ def make_scratch_disk(path: Path, size: int = 64 << 20) -> Path:
 def boot_reference(lab: Lab, script: str, timeout: float, echo: TextIO | None = sys.stdout,
                    disk_size: int = 64 << 20, files: dict[str, bytes] | None = None,
                    append: str = "", extra_modules: list[ExtraModule] | None = None,
-                   testdev: bool = False) -> GuestRun:
+                   testdev: bool = False, cache: str = "unsafe",
+                   memfd: bool = False) -> GuestRun:
     """Boot a guest on QEMU's built-in IOMMU with virtio-blk + virtio-rng behind it
-    (and QEMU's iommu-testdev at 04.0 with `testdev`)."""
+    (and QEMU's iommu-testdev at 04.0 with `testdev`). `cache`: the drive's cache mode;
+    `memfd`: guest RAM as the same shared memfd our stack uses (benchmarks compare
+    like with like)."""
     with tempfile.TemporaryDirectory(prefix="vfiouser-iommu-") as tmp:
         initrd = guest_initramfs(lab, script, files=files, extra_modules=extra_modules
                                  ).write(Path(tmp) / "initrd.gz")
         disk = make_scratch_disk(Path(tmp) / "disk.img", disk_size)
         argv = (machine_args(lab) + kernel_args(lab, initrd, append=append)
-                + reference_args(disk))
+                + reference_args(disk, cache=cache)
+                + (shared_ram_args(DEFAULT_MEMORY) if memfd else []))
         if testdev:
             argv += ["-device", f"iommu-testdev,addr={REFERENCE_TESTDEV}"]
         run = run_guest(argv, timeout, echo)

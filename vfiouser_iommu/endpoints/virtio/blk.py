@@ -77,6 +77,30 @@ MAX_QUEUES = 64
 Outcome = tuple[int, int]
 
 
+class _Request:
+    """Where a request completes: its queue and head, and its status byte (address, and
+    a view of it once the data buffers were mapped with it)."""
+
+    __slots__ = ("queue", "head", "status_addr", "status_view")
+
+    def __init__(self, queue: int, head: int, status_addr: int) -> None:
+        self.queue = queue
+        self.head = head
+        self.status_addr = status_addr
+        self.status_view: memoryview | None = None
+
+    def write_status(self, dma: DmaView, status: int) -> None:
+        """The status byte, after the data (DeviceNeedsReset if it faults)."""
+        view = self.status_view
+        if view is not None:
+            view[0] = status
+            return
+        try:
+            dma.write(self.status_addr, bytes((status,)))
+        except DmaError as e:
+            raise DeviceNeedsReset(f"status of request {self.head}: {e}") from None
+
+
 class _RequestError(Exception):
     """The request fails with VIRTIO_BLK_S_IOERR; `written` data bytes were written."""
 
@@ -138,20 +162,21 @@ class VirtioBlk(VirtioDevice):
         if data_room < 0:
             raise DeviceNeedsReset(f"request {chain.head} has no status byte")
         ((status_addr, _),) = pieces(chain.writable, data_room, 1)
+        request = _Request(queue, chain.head, status_addr)
         try:
             req_type, sector = self._header(chain, dma)
             serve = _REQUESTS.get(req_type)
             if serve is None:
                 status, written = VIRTIO_BLK_S_UNSUPP, 0
             else:
-                written = serve(self, sector, chain, dma, (queue, chain.head, status_addr))
+                written = serve(self, sector, chain, dma, request)
                 if written is None:
                     return None
                 status = VIRTIO_BLK_S_OK
         except _RequestError as e:
             log.info("%s: request %d failed: %s", self.name, chain.head, e)
             status, written = VIRTIO_BLK_S_IOERR, e.written
-        self._write_status(chain.head, dma, status_addr, status)
+        request.write_status(dma, status)
         return written + 1
 
     def _header(self, chain: DescriptorChain, dma: DmaView) -> tuple[int, int]:
@@ -168,12 +193,6 @@ class VirtioBlk(VirtioDevice):
         req_type, _reserved, sector = VIRTIO_BLK_REQ.unpack(raw)
         return req_type, sector
 
-    def _write_status(self, head: int, dma: DmaView, addr: int, status: int) -> None:
-        try:
-            dma.write(addr, bytes((status,)))
-        except DmaError as e:
-            raise DeviceNeedsReset(f"status of request {head}: {e}") from None
-
     def _range(self, sector: int, length: int) -> int:
         """The file offset of a data transfer, once it is known to fit the disk."""
         if length % SECTOR_SIZE or length > MAX_REQUEST:
@@ -183,24 +202,22 @@ class VirtioBlk(VirtioDevice):
         return sector * SECTOR_SIZE
 
     # -- later completion ----------------------------------------------------------------------
-    def _defer(self, job: Callable[[], Outcome], dma: DmaView,
-               request: tuple[int, int, int]) -> None:
+    def _defer(self, job: Callable[[], Outcome], dma: DmaView, request: _Request) -> None:
         """Run `job` in the worker; complete the request on the loop with its outcome."""
         generation = self._generation
 
         def done(outcome: Outcome) -> None:
             if generation != self._generation:
                 return  # the device was reset meanwhile: the driver forgot this request
-            queue, head, status_addr = request
             status, written = outcome
             if status != VIRTIO_BLK_S_OK:
-                log.info("%s: request %d failed", self.name, head)
+                log.info("%s: request %d failed", self.name, request.head)
             try:
-                self._write_status(head, dma, status_addr, status)
+                request.write_status(dma, status)
             except DeviceNeedsReset as e:
                 self.context.needs_reset(str(e))
                 return
-            self.context.complete_soon(queue, head, written + 1)
+            self.context.complete_soon(request.queue, request.head, written + 1)
 
         if isinstance(self.context, DetachedContext):  # no transport: unit tests
             done(job())
@@ -209,16 +226,20 @@ class VirtioBlk(VirtioDevice):
 
     # -- IN / OUT / FLUSH / GET_ID --------------------------------------------------------------
     def _in(self, sector: int, chain: DescriptorChain, dma: DmaView,
-            request: tuple[int, int, int]) -> int | None:
+            request: _Request) -> int | None:
         length = chain.writable_length - 1
         pos = self._range(sector, length)
-        spans = list(pieces(chain.writable, 0, length))
         try:
-            views = dma.map_sg(spans, write=True)
+            # the data and the status byte after it, in one translation call
+            views = dma.map_sg(chain.writable, write=True)
         except DmaError as e:
             raise _RequestError(str(e)) from None
         if views is None:
-            return self._in_copied(spans, pos, dma)
+            return self._in_copied(list(pieces(chain.writable, 0, length)), pos, dma)
+        last = views.pop()
+        request.status_view = last[len(last) - 1:]
+        if len(last) > 1:
+            views.append(last[:len(last) - 1])
         try:
             done = _nowait(os.preadv, self.fd, views, pos)
         except OSError as e:
@@ -245,7 +266,7 @@ class VirtioBlk(VirtioDevice):
         return done
 
     def _out(self, sector: int, chain: DescriptorChain, dma: DmaView,
-             request: tuple[int, int, int]) -> int | None:
+             request: _Request) -> int | None:
         if self.readonly:
             raise _RequestError("write to a read-only disk")
         length = chain.readable_length - HEADER_SIZE
@@ -280,7 +301,7 @@ class VirtioBlk(VirtioDevice):
         return None
 
     def _flush(self, sector: int, chain: DescriptorChain, dma: DmaView,
-               request: tuple[int, int, int]) -> int | None:
+               request: _Request) -> int | None:
         if self.readonly:
             return 0
         fd = self.fd
@@ -288,7 +309,7 @@ class VirtioBlk(VirtioDevice):
         return None
 
     def _get_id(self, sector: int, chain: DescriptorChain, dma: DmaView,
-                request: tuple[int, int, int]) -> int:
+                request: _Request) -> int:
         ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:chain.writable_length - 1]
         done = 0
         for addr, n in pieces(chain.writable, 0, len(ident)):

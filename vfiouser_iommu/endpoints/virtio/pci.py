@@ -119,6 +119,7 @@ class VirtioPciFunction(PciFunction):
         device.bind(self)
         self._add_capabilities()
         self._scheduled = False
+        self._kicked = 0  # bitmask of the queues the next step serves
         self._mmio_reads = self._read_handlers()
         self._mmio_writes = self._write_handlers()
         self.on_reset()
@@ -217,7 +218,7 @@ class VirtioPciFunction(PciFunction):
     def _notify_write(self, offset: int, size: int, value: int) -> None:
         index = offset // NOTIFY_OFF_MULTIPLIER
         if index < len(self.queues) and self.running:
-            self._kick()
+            self._kick(1 << index)
 
     # -- common configuration (section 4.1.4.3) -------------------------------------------------
     def _common_read(self, offset: int, size: int) -> int:
@@ -328,20 +329,27 @@ class VirtioPciFunction(PciFunction):
             self._interrupt(self.msix_config, ISR_CONFIG)
 
     # -- queue processing -------------------------------------------------------------------
-    def _kick(self) -> None:
+    def _kick(self, queues: int = -1) -> None:
+        """Serve the queues of bitmask `queues` (all by default) from the loop soon."""
+        self._kicked |= queues
         if not self._scheduled:
             self._scheduled = True
             self.host.call_soon(self._step)
 
     def _step(self) -> None:
-        """Serve up to STEP_BUDGET chains of each enabled queue; come back if more wait."""
+        """Serve up to STEP_BUDGET chains of each notified queue; come back if more wait.
+
+        Only the queues notified since the last step are looked at: with one queue per
+        vCPU, a notify of one must not cost a look at the others' rings.
+        """
         self._scheduled = False
-        more = False
+        kicked, self._kicked = self._kicked, 0
+        more = 0
         for vq in self.queues:
-            if vq.enabled and self.running:
-                more |= self._serve(vq)
+            if kicked >> vq.index & 1 and vq.enabled and self.running and self._serve(vq):
+                more |= 1 << vq.index
         if more and self.running:
-            self._kick()
+            self._kick(more)
 
     def _serve(self, vq: SplitVirtqueue) -> bool:
         """One step of `vq`: take what is available, publish what completed."""
@@ -356,6 +364,7 @@ class VirtioPciFunction(PciFunction):
                 written = handle(index, chain, dma)
                 if written is not None:
                     done.append((chain.head, written))
+            self._publish(vq, rings)  # first: the driver's interrupt goes out sooner
             if event_idx:
                 rings.set_avail_event()
                 # A chain published before the driver saw the new avail_event was not
@@ -364,7 +373,6 @@ class VirtioPciFunction(PciFunction):
             else:
                 # Without EVENT_IDX every later chain comes with a notification.
                 more = vq.known_pending > 0
-            self._publish(vq, rings)
         except (DmaError, VirtqueueError, DeviceNeedsReset) as e:
             self.needs_reset(f"queue {vq.index}: {e}")
             return False

@@ -34,7 +34,7 @@ device's answer to both open; the transport sets DEVICE_NEEDS_RESET, as QEMU doe
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from ...memory import DmaView
@@ -51,6 +51,8 @@ VIRTIO_MSI_NO_VECTOR = 0xFFFF
 DESC_SIZE = VIRTQ_DESC.size
 USED_ELEM_SIZE = VIRTQ_USED_ELEM.size
 _U16 = struct.Struct("<H")
+_unpack_u16 = _U16.unpack_from
+_unpack_desc = VIRTQ_DESC.unpack_from
 
 
 class VirtqueueError(Exception):
@@ -179,15 +181,19 @@ class Rings:
         self._pushed = False
 
     # -- the driver area ----------------------------------------------------------------------
-    def _driver_u16(self, offset: int) -> int:
+    def _driver_view(self) -> memoryview | None:
         view = self._driver
         if view is False:
             # flags, idx, ring[size] (and used_event with EVENT_IDX), read by the device
             vq = self.vq
             view = self._driver = _area(self.dma, vq.driver, 4 + 2 * vq.size
                                         + 2 * self.event_idx, False)
+        return view
+
+    def _driver_u16(self, offset: int) -> int:
+        view = self._driver if self._driver is not False else self._driver_view()
         if view is not None:
-            return _U16.unpack_from(view, offset)[0]
+            return _unpack_u16(view, offset)[0]
         return self.dma.read_int(self.vq.driver + offset, 2)
 
     def pending(self) -> int:
@@ -203,38 +209,37 @@ class Rings:
     def pop(self, indirect: bool) -> DescriptorChain:
         """Take the next chain the last `pending` saw (the caller knows there is one)."""
         vq = self.vq
-        head = self._driver_u16(4 + 2 * (vq.last_avail_idx % vq.size))
+        size = vq.size
+        head = self._driver_u16(4 + 2 * (vq.last_avail_idx % size))
         vq.last_avail_idx = (vq.last_avail_idx + 1) & 0xFFFF
-        if head >= vq.size:
+        if head >= size:
             raise VirtqueueError(f"queue {vq.index}: head {head} out of range")
-        return self._walk(head, indirect)
-
-    def _table_reader(self) -> Callable[[int], tuple[int, int, int, int]]:
         if self._desc is False:
-            self._desc = _area(self.dma, self.vq.desc, DESC_SIZE * self.vq.size, False)
-        view = self._desc
-        if view is not None:
-            unpack = VIRTQ_DESC.unpack_from
-            return lambda i: unpack(view, DESC_SIZE * i)
-        dma, base = self.dma, self.vq.desc
-        return lambda i: VIRTQ_DESC.unpack(dma.read(base + DESC_SIZE * i, DESC_SIZE))
+            self._desc = _area(self.dma, vq.desc, DESC_SIZE * size, False)
+        return self._walk(head, indirect, self._desc)
 
-    def _walk(self, head: int, indirect: bool) -> DescriptorChain:
+    def _walk(self, head: int, indirect: bool, table: memoryview | bytes | None
+              ) -> DescriptorChain:
         """Section 2.7.5.3: the chain from `head`, through at most one indirect table.
 
-        The budget is how many more descriptors the whole chain may have (the queue
-        size, section 2.7.5.3.1); it bounds every loop a driver can build.
+        `table` holds the descriptor table (None: read each descriptor by DMA). The
+        budget is how many more descriptors the whole chain may have (the queue size,
+        section 2.7.5.3.1); it bounds every loop a driver can build.
         """
-        read = self._table_reader()
         count = budget = self.vq.size
         index, nested = head, False
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
+        unpack = _unpack_desc
         while True:
             if budget <= 0:
                 raise VirtqueueError(f"chain from {head} longer than the queue")
             budget -= 1
-            addr, length, flags, nxt = read(index)
+            if table is not None:
+                addr, length, flags, nxt = unpack(table, DESC_SIZE * index)
+            else:
+                addr, length, flags, nxt = VIRTQ_DESC.unpack(
+                    self.dma.read(self.vq.desc + DESC_SIZE * index, DESC_SIZE))
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not indirect or nested:
                     raise VirtqueueError("indirect descriptor not negotiated or nested")
@@ -246,7 +251,6 @@ class Rings:
                     raise VirtqueueError(
                         f"indirect table of {count} entries longer than the queue")
                 table = self.dma.read(addr, length)  # the whole table in one DMA read
-                read = _bytes_reader(table)
                 index, nested, budget = 0, True, budget + 1
                 continue
             if flags & VIRTQ_DESC_F_WRITE:
@@ -314,7 +318,3 @@ class Rings:
             return vring_need_event(self.used_event(), new, old_used_idx)
         return not self.no_interrupt()
 
-
-def _bytes_reader(table: bytes) -> Callable[[int], tuple[int, int, int, int]]:
-    unpack = VIRTQ_DESC.unpack_from
-    return lambda i: unpack(table, DESC_SIZE * i)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ from vfiouser_iommu.endpoints import build_endpoint
 from vfiouser_iommu.endpoints.virtio import VirtioBlk, VirtioPciFunction
 from vfiouser_iommu.endpoints.virtio.blk import (
     SEG_MAX,
+    SLOW_WRITE,
     VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO,
@@ -289,7 +291,9 @@ def test_a_read_that_would_block_finishes_in_the_worker(image, monkeypatch, serv
     assert threads[0] is threading.main_thread() and threads[-1] is not threads[0]
 
 
-def test_writes_go_to_the_worker_when_the_file_system_cannot_say_no_wait(image, monkeypatch):
+def test_writes_run_inline_where_no_wait_is_refused_until_one_is_slow(image, monkeypatch):
+    """RWF_NOWAIT refused (EOPNOTSUPP): buffered writes run on the loop, until one takes
+    longer than SLOW_WRITE; the writes after it go to the worker."""
     calls = []
     real = os.pwritev
 
@@ -297,16 +301,18 @@ def test_writes_go_to_the_worker_when_the_file_system_cannot_say_no_wait(image, 
         calls.append((threading.current_thread() is threading.main_thread(), flags))
         if flags & os.RWF_NOWAIT:
             raise OSError(errno.EOPNOTSUPP, "no")
+        if len(calls) == 3:
+            time.sleep(2 * SLOW_WRITE)  # the kernel throttled this one
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "pwritev", pwritev)
     fn, host, drv = make(image)
-    for sector in (2, 3):
+    for sector in (2, 3, 4):
         assert request(host, drv, VIRTIO_BLK_T_OUT, sector, out=bytes([sector]) * 512) == \
             (VIRTIO_BLK_S_OK, 1)
-    # asked once without waiting, refused; every write since went to the worker
-    assert calls == [(True, os.RWF_NOWAIT), (False, 0), (False, 0)]
-    assert image.read_bytes()[1024:1536] == bytes([2]) * 512
+    assert calls == [(True, os.RWF_NOWAIT), (True, 0), (True, 0), (False, 0)]
+    assert image.read_bytes()[1024:2560] == bytes([2]) * 512 + bytes([3]) * 512 + \
+        bytes([4]) * 512
 
 
 def test_flush_waits_in_the_worker_for_the_writes_before_it(image, monkeypatch):
@@ -417,3 +423,44 @@ def test_a_notify_serves_only_its_queue(image):
     assert drv.used(1) == [(0, 513)]
     q0 = drv.queues[0]
     assert not {q0.desc, q0.avail, q0.used} & set(view.translated)
+
+
+@pytest.mark.parametrize("second_half_blocks", [False, True])
+def test_a_large_read_is_split_between_worker_and_loop(image, monkeypatch, second_half_blocks):
+    """Both halves run at once, on two threads; the request completes once both are in."""
+    from vfiouser_iommu.endpoints.virtio import blk
+
+    monkeypatch.setattr(blk, "SPLIT_READ", 2048)
+    threads = []
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        threads.append((threading.current_thread() is threading.main_thread(), offset))
+        if flags & os.RWF_NOWAIT and second_half_blocks:
+            raise BlockingIOError
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    fn, host, drv = make(image)
+    assert request(host, drv, VIRTIO_BLK_T_IN, 8, in_len=4096) == (VIRTIO_BLK_S_OK, 4097)
+    assert drv.mem.read(DATA, 4096) == image.read_bytes()[8 * 512:16 * 512]
+    assert (False, 8 * 512) in threads  # the first half, in the worker
+    second = 8 * 512 + 2048
+    assert ((False, second) if second_half_blocks else (True, second)) in threads
+
+
+def test_a_split_read_that_fails_in_its_first_half_fails(image, monkeypatch):
+    from vfiouser_iommu.endpoints.virtio import blk
+
+    monkeypatch.setattr(blk, "SPLIT_READ", 2048)
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        if offset == 8 * 512:
+            raise OSError(errno.EIO, "bad sector")
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    fn, host, drv = make(image)
+    status, _ = request(host, drv, VIRTIO_BLK_T_IN, 8, in_len=4096)
+    assert status == VIRTIO_BLK_S_IOERR

@@ -8,6 +8,7 @@ import cProfile
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", type=Path, metavar="FILE",
                    help="run under cProfile and write its statistics (pstats) to FILE at exit")
     p.add_argument("--stats", type=Path, metavar="FILE",
-                   help="write the server's CPU time and wall time (JSON) to FILE at exit")
+                   help="write the server's CPU and wall time, page faults and context "
+                        "switches (JSON) to FILE at exit")
     p.set_defaults(func=cmd_serve)
 
 
@@ -172,9 +174,12 @@ def _measured(profile: Path | None, stats: Path | None):
             profiler.disable()
             profiler.dump_stats(profile)
         if stats:
-            end = os.times()
+            end, usage = os.times(), resource.getrusage(resource.RUSAGE_SELF)
             stats.write_text(json.dumps({
                 "wall_seconds": time.monotonic() - started,
                 "user_seconds": end.user - times.user,
                 "system_seconds": end.system - times.system,
+                "minor_faults": usage.ru_minflt,
+                "voluntary_switches": usage.ru_nvcsw,
+                "involuntary_switches": usage.ru_nivcsw,
             }))

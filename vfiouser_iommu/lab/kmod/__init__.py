@@ -3,7 +3,8 @@
 `vfiouser_iommu_test.c` makes Linux's riscv-iommu driver build paging domains for the
 iommu-testdev and exercises MSI page tables and a second stage; each check prints one
 `@@RESULT kmod-<check> pass|fail key=value ...` line on the kernel log. Module
-parameters: `checks=alloc,paging,msi,nested` (or `all`), `testdev=DDDD:BB:SS.F`.
+parameters: `checks=alloc,paging,msi,nested` (or `all`), `testdev=DDDD:BB:SS.F`;
+`checks=bench [bench_dmas=N]` times DMAs through a paging domain (the benchmark).
 
 `build(kbuild)` returns the `.ko` for a `lab.kbuild.Kbuild` (the lab's:
 `lab.kbuild_for_modules()`); builds are cached by the sources and the tree.
